@@ -1,0 +1,231 @@
+"""Batched IP-Adapter attention: per-sample IP tokens, scales and masks in one UNet batch.
+
+diffusers' `IPAdapterAttnProcessor2_0` holds one scale per adapter for the whole pipeline and
+expects every sample to use the same number of reference images. This processor computes the
+same thing per sample instead, reading everything that varies from a shared `IPBatchState`:
+
+- `scales(adapter, layer)`: one scale per sample for this layer at the current step;
+- `token_valid[adapter]`: [B, n_images] which image slots are real (others are padding);
+- `masks[adapter]`: [B, n_images, H, W] region masks, used for rows whose `masked` flag is set.
+
+For a sample with no masks the adapter's images are attended jointly (one softmax over all
+their tokens, diffusers' concat behaviour); with masks each image is attended separately and
+weighted by its downsampled mask, as diffusers does when `ip_adapter_masks` is given.
+The IP keys and values depend only on the IP tokens, so they are computed at the first step of
+a pipeline call and reused for every later step (`cache_kv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import Attention
+
+
+@dataclass
+class IPBatchState:
+    """What one pipeline call's rows want from the IP layers; shared by all processors."""
+
+    layer_scales: torch.Tensor  # [B, A, L] per row, adapter, IP layer
+    step_scales: torch.Tensor | None = None  # [B, A, S], resolved at the first step
+    token_valid: list[torch.Tensor] = field(default_factory=list)  # per adapter [B, n]
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # per adapter [B, n, H, W]
+    masked: torch.Tensor | None = None  # [B, A] bool: row uses region masks for this adapter
+    step: int = 0
+    cache_kv: bool = True
+    resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called lazily
+    num_steps: Any = None  # callable() -> int, the pipeline's actual loop length
+    _kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def scales(self, adapter: int, layer: int, batch: int) -> torch.Tensor:
+        """[batch] scales for this adapter and layer at the current step (CFG halves repeated)."""
+        if self.step_scales is None:
+            self.step_scales = self.resolve_steps(self.num_steps())
+        step = min(self.step, self.step_scales.shape[-1] - 1)
+        per_row = self.layer_scales[:, adapter, layer] * self.step_scales[:, adapter, step]
+        return per_row.repeat(batch // per_row.shape[0])
+
+    def rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        """Repeat a per-row tensor over the CFG halves of a UNet batch."""
+        return tensor.repeat((batch // tensor.shape[0],) + (1,) * (tensor.ndim - 1))
+
+
+class StepCounter:
+    """`callback_on_step_end` that tells the attention which denoising step comes next."""
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, state: IPBatchState):
+        self.state = state
+
+    def __call__(self, pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.state.step = step_index + 1
+        return callback_kwargs
+
+
+class BatchedIPAttnProcessor(torch.nn.Module):
+    """IP-Adapter cross-attention with per-sample tokens, scales and masks (see module doc)."""
+
+    def __init__(self, layer: int, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList):
+        super().__init__()
+        self.layer = layer
+        self.to_k_ip = to_k_ip
+        self.to_v_ip = to_v_ip
+        self.state: IPBatchState | None = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        ip_hidden_states = None
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if ip_hidden_states is not None and self.state is not None:
+            hidden_states = hidden_states + self._ip_attention(attn, query, ip_hidden_states, head_dim)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _kv(self, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IP keys and values [B, n, T, inner]; computed once per pipeline call when caching."""
+        state = self.state
+        assert state is not None
+        if state.cache_kv and (adapter, id(self)) in state._kv:
+            return state._kv[(adapter, id(self))]
+        kv = self.to_k_ip[adapter](tokens), self.to_v_ip[adapter](tokens)
+        if state.cache_kv:
+            state._kv[(adapter, id(self))] = kv
+        return kv
+
+    def _ip_attention(
+        self, attn: Attention, query: torch.Tensor, ip_hidden_states: list[torch.Tensor], head_dim: int
+    ) -> torch.Tensor:
+        """Sum over adapters of scale * IP attention output, per sample."""
+        state = self.state
+        assert state is not None
+        batch, _, queries, _ = query.shape
+        total = torch.zeros(batch, queries, attn.heads * head_dim, dtype=query.dtype, device=query.device)
+        for adapter, tokens in enumerate(ip_hidden_states):
+            scale = state.scales(adapter, self.layer, batch).to(query.dtype)
+            if not torch.any(scale != 0):
+                continue
+            if tokens.ndim == 3:  # [B, n*T, C] projections without an image axis
+                tokens = tokens.unsqueeze(1)
+            ip_key, ip_value = self._kv(adapter, tokens)
+            n_images, n_tokens = ip_key.shape[1], ip_key.shape[2]
+            valid = state.rows(state.token_valid[adapter].to(query.device), batch)  # [batch, n]
+            masked = state.rows(state.masked[:, adapter], batch) if state.masked is not None else None
+            out = torch.zeros_like(total)
+            if masked is None or not bool(masked.all()):
+                keys = ip_key.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
+                values = ip_value.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
+                token_mask = None
+                if not bool(valid.all()):
+                    token_mask = valid.repeat_interleave(n_tokens, dim=1)[:, None, None, :]
+                joint = F.scaled_dot_product_attention(query, keys, values, attn_mask=token_mask)
+                out = joint.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            if masked is not None and bool(masked.any()):
+                regional = self._masked_attention(attn, query, ip_key, ip_value, adapter, batch, head_dim)
+                out = torch.where(masked[:, None, None], regional, out)
+            total = total + scale[:, None, None] * out
+        return total
+
+    def _masked_attention(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        ip_key: torch.Tensor,
+        ip_value: torch.Tensor,
+        adapter: int,
+        batch: int,
+        head_dim: int,
+    ) -> torch.Tensor:
+        """Each image attended alone and weighted by its region mask (diffusers' masked path)."""
+        state = self.state
+        assert state is not None
+        masks = state.masks[adapter]
+        assert masks is not None
+        masks = state.rows(masks.to(query.device), batch)  # [batch, n, H, W]
+        out = None
+        for i in range(ip_key.shape[1]):
+            keys = ip_key[:, i].reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            values = ip_value[:, i].reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            part = F.scaled_dot_product_attention(query, keys, values)
+            part = part.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            weight = IPAdapterMaskProcessor.downsample(masks[:, i], batch, part.shape[1], 1)
+            part = part * weight.to(dtype=query.dtype, device=query.device)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+def install(unet: Any) -> list[str]:
+    """Swap diffusers' IP-Adapter processors for batched ones; returns the IP layer names in order."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+    processors = {}
+    names: list[str] = []
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)):
+            processors[name] = BatchedIPAttnProcessor(len(names), proc.to_k_ip, proc.to_v_ip)
+            names.append(name)
+        elif isinstance(proc, BatchedIPAttnProcessor):
+            names.append(name)
+            processors[name] = proc
+        else:
+            processors[name] = proc
+    unet.set_attn_processor(processors)
+    return names
+
+
+def bind(unet: Any, state: IPBatchState | None) -> None:
+    """Point every batched processor at this call's state (None: IP layers contribute nothing)."""
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, BatchedIPAttnProcessor):
+            proc.state = state

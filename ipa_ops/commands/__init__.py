@@ -1,0 +1,1 @@
+"""CLI command areas; each module exposes `register(subparsers)`."""

@@ -1,0 +1,25 @@
+"""`ipa zoo build DIR`: fabricate the offline model mirror."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    zoo = sub.add_parser("zoo", help="fabricate a mirror of random-weight models in the real layouts")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zsub.add_parser("build", help="build the zoo into DIR (reused when already built)")
+    build.add_argument("dir")
+    build.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    build.add_argument("--force", action="store_true", help="rebuild even if DIR holds a finished zoo")
+    build.set_defaults(func=_build)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ipa_ops.zoo import build_zoo
+
+    start = time.perf_counter()
+    root = build_zoo(args.dir, size=args.size, force=args.force)
+    print(f"zoo ({args.size}) ready at {root} in {time.perf_counter() - start:.1f}s; use it with IPA_MIRROR={root}")
+    return 0

@@ -1,0 +1,1 @@
+"""Embedding encoders: CLIP image encoders and InsightFace face analysis."""

@@ -1,0 +1,280 @@
+"""The flow file: pydantic models whose field descriptions are the format's reference doc.
+
+A flow names models, encoders and adapters once (by alias) and composes stages over them.
+Unknown keys are errors so a typo never passes silently; `load_flow` reports every problem
+as one line naming its YAML path (`stages.generate.resources.batch_size: must be >= 1, got 0`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ipa_ops.errors import UserError
+
+DType = Literal["float16", "bfloat16", "float32"]
+
+
+class Strict(BaseModel):
+    """Base for every flow section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="Hub id (`org/name`) or local path of a diffusers pipeline folder.")
+    subfolder: str | None = Field(None, description="Subfolder inside the source, if the pipeline is not at its root.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
+    dtype: DType = Field("float16", description="Weights dtype on GPU; CPU always runs float32.")
+    scheduler: str | None = Field(
+        None, description="Scheduler name (ddim, euler, euler_a, dpmpp_2m, lcm, pndm); default: the model's own."
+    )
+
+
+class EncoderSpec(Strict):
+    type: Literal["clip", "insightface"] = Field(description="`clip` image encoder or `insightface` face analysis.")
+    source: str | None = Field(None, description="Hub id or path of the CLIP vision encoder (type clip).")
+    subfolder: str | None = Field(None, description="Subfolder of the encoder, e.g. `models/image_encoder`.")
+    hidden_states: bool = Field(
+        False, description="Also store the penultimate hidden states (needed by Plus, plus-face, full-face adapters)."
+    )
+    crop: Literal["center", "pad", "none"] = Field(
+        "center", description="How a non-square image is fitted: processor centre crop, pad to square, or resize."
+    )
+    pack: str = Field("buffalo_l", description="InsightFace model pack name (type insightface).")
+    root: str | None = Field(
+        None, description="Directory holding `models/<pack>/` (type insightface); default: the mirror's `insightface`."
+    )
+    det_size: int = Field(
+        640, ge=64, description="Largest detection size tried; smaller sizes are retried down to 320."
+    )
+    face: str = Field("largest", description="Which face to keep: `largest`, `best_score`, or an index like `0`.")
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> EncoderSpec:
+        if self.type == "clip" and not self.source:
+            raise ValueError("a clip encoder needs `source` (hub id or path of a CLIP vision encoder)")
+        return self
+
+
+class AdapterSpec(Strict):
+    source: str = Field(description="Hub id or path of the adapter repository, e.g. `h94/IP-Adapter`.")
+    subfolder: str | None = Field(None, description="Subfolder of the weight file, e.g. `models` or `sdxl_models`.")
+    weight_name: str = Field(description="Checkpoint file name, e.g. `ip-adapter_sd15.bin`.")
+    encoder: str | None = Field(None, description="Alias of the encoder whose embeddings feed this adapter.")
+    scale: Any = Field(1.0, description="Default scale schedule for rows that give none (any schedule form).")
+
+
+class LoraSpec(Strict):
+    source: str = Field(description="Hub id or path of the LoRA repository or file.")
+    weight_name: str | None = Field(None, description="LoRA file name inside the source.")
+    weight: float = Field(1.0, description="LoRA strength.")
+
+
+class Resources(Strict):
+    actors: int = Field(1, ge=1, description="Number of actors in the pool.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 on CPU-only machines).")
+    num_cpus: float = Field(1, gt=0, description="CPUs per actor.")
+    batch_size: int = Field(8, ge=1, description="Rows per actor batch.")
+
+
+class ExtractStage(Strict):
+    images: str | list[str] = Field(
+        description="Reference images: a directory, a glob, a list of URIs, or a Parquet/CSV with a `uri` column."
+    )
+    encoders: list[str] = Field(min_length=1, description="Aliases of the encoders to run.")
+    store: str = Field(description="URI of the embedding store (any fsspec filesystem).")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard)."
+    )
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
+
+
+class GenerateDefaults(Strict):
+    """Values for manifest columns a row leaves empty."""
+
+    negative_prompt: str = Field("", description="Default negative prompt.")
+    task: Literal["text2img", "img2img", "inpaint", "controlnet", "video"] = Field("text2img")
+    width: int = Field(512, ge=8, multiple_of=8, description="Output width in pixels.")
+    height: int = Field(512, ge=8, multiple_of=8, description="Output height in pixels.")
+    steps: int = Field(30, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    strength: float = Field(0.8, gt=0, le=1, description="img2img / inpaint strength.")
+
+
+class GenerateStage(Strict):
+    manifest: str = Field(description="Manifest file (Parquet, CSV or JSONL), glob or partitioned folder.")
+    model: str = Field(description="Default model alias for rows that name none.")
+    store: str | None = Field(None, description="Embedding store URI the rows' references resolve against.")
+    output: str = Field(description="Output directory (images/, results/, run.json, report.html).")
+    encode_missing: bool = Field(
+        False, description="Encode references missing from the store on the fly instead of failing the row."
+    )
+    defaults: GenerateDefaults = Field(default_factory=GenerateDefaults)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class Stages(Strict):
+    extract: ExtractStage | None = Field(None, description="Embedding extraction into the store.")
+    generate: GenerateStage | None = Field(None, description="Manifest rows to images.")
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="Ray cluster address; null runs an embedded local Ray.")
+
+
+class Flow(Strict):
+    name: str = Field(description="Flow name, used in run records and job ids.")
+    mirror: str | None = Field(None, description="Mirror root mapping hub id `org/name` to `<mirror>/org/name/`.")
+    ray: RaySpec = Field(default_factory=RaySpec)
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="Base pipelines by alias.")
+    encoders: dict[str, EncoderSpec] = Field(default_factory=dict, description="Image and face encoders by alias.")
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict, description="IP-Adapters by alias.")
+    loras: dict[str, LoraSpec] = Field(default_factory=dict, description="LoRAs applied to every row of the flow.")
+    stages: Stages = Field(default_factory=Stages)
+    schedule: str | None = Field(None, description="Cron expression for scheduled cluster runs.")
+
+    @model_validator(mode="after")
+    def _aliases_exist(self) -> Flow:
+        problems: list[str] = []
+        for name, adapter in self.adapters.items():
+            if adapter.encoder is not None and adapter.encoder not in self.encoders:
+                problems.append(_unknown_alias(f"adapters.{name}.encoder", adapter.encoder, self.encoders))
+        if self.stages.extract is not None:
+            for i, enc in enumerate(self.stages.extract.encoders):
+                if enc not in self.encoders:
+                    problems.append(_unknown_alias(f"stages.extract.encoders.{i}", enc, self.encoders))
+        if self.stages.generate is not None and self.stages.generate.model not in self.models:
+            problems.append(_unknown_alias("stages.generate.model", self.stages.generate.model, self.models))
+        if problems:
+            raise FlowReferenceError(problems)
+        return self
+
+    def mirror_root(self) -> str | None:
+        """The mirror in force: env `IPA_MIRROR` overrides the flow's `mirror:`."""
+        return os.environ.get("IPA_MIRROR") or self.mirror
+
+
+class FlowReferenceError(ValueError):
+    """Aliases that point nowhere; carries one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class FlowError(UserError):
+    """A flow that cannot be used; `problems` holds one line per problem, each naming a YAML path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+def _unknown_alias(path: str, value: str, known: dict[str, Any]) -> str:
+    return f"{path}: unknown alias {value!r}; defined: {', '.join(sorted(known)) or 'none'}"
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc`, to list its valid keys."""
+    model: Any = Flow
+    alias_next = False
+    for part in loc:
+        if alias_next:  # this part is a user alias inside a dict of models
+            alias_next = False
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if getattr(ann, "__origin__", None) is dict:
+            ann, alias_next = ann.__args__[-1], True
+        ann = next((a for a in getattr(ann, "__args__", (ann,)) if a is not type(None)), ann)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error as `path: what is expected, got what`."""
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "<root>"
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        owner = _owner_model(loc[:-1])
+        keys = sorted(owner.model_fields) if owner else []
+        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), keys)}; allowed: {', '.join(keys)}"
+    if kind == "missing":
+        return f"{path}: required, missing"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"{path}: must be {op} {bound}, got {got!r}"
+    if kind == "multiple_of":
+        return f"{path}: must be a multiple of {ctx['multiple_of']}, got {got!r}"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx['expected']}, got {got!r}"
+    if kind == "value_error":
+        return f"{path}: {str(ctx.get('error', err['msg']))}"
+    return f"{path}: {err['msg'].lower()}, got {got!r}"
+
+
+def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    return Flow if not loc else _model_at(loc)
+
+
+def parse_flow(data: dict[str, Any], source: str = "<flow>") -> Flow:
+    """Validate a flow mapping; raise FlowError with one line per problem."""
+    try:
+        return Flow.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for err in exc.errors():
+            inner = err.get("ctx", {}).get("error")
+            if isinstance(inner, FlowReferenceError):
+                problems.extend(inner.problems)
+            else:
+                problems.append(_describe(err))
+        raise FlowError(source, problems) from None
+
+
+def set_path(data: dict[str, Any], dotted: str, value: str) -> None:
+    """Apply one `--set path=value` override; the value is parsed as YAML (`8`, `true`, `[a, b]`)."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FlowError("--set", [f"{dotted}: {part} is not a mapping"])
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_flow(path: str | Path, overrides: list[str] | None = None) -> Flow:
+    """Read, override and validate a flow file. Relative paths in stages stay relative to the CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlowError(str(path), ["file not found; pass the path of a flow YAML such as flows/quickstart.yaml"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FlowError(str(path), [f"not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    if not isinstance(data, dict):
+        raise FlowError(str(path), ["<root>: must be a mapping of flow keys"])
+    for item in overrides or []:
+        if "=" not in item:
+            raise FlowError("--set", [f"{item!r}: expected path=value"])
+        key, value = item.split("=", 1)
+        set_path(data, key, value)
+    return parse_flow(data, str(path))

@@ -1,0 +1,330 @@
+"""The in-process generation core: resolved rows in, images out. No Ray here.
+
+A `Generator` loads each base pipeline once with every IP-Adapter of the flow that fits it,
+swaps in the batched IP attention, and runs rows that share a `group_key` (what one UNet batch
+must share) as one diffusers pipeline call. Everything else varies per row: prompts, seeds,
+references, masks and schedules ride in the per-sample `IPBatchState`. Because each row has
+its own seeded torch.Generator, a row's image does not depend on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ipa_ops import attention
+from ipa_ops.flow import AdapterSpec, Flow, ModelSpec
+from ipa_ops.preflight import AdapterFacts, adapter_facts
+from ipa_ops.schedules import ScheduleSpec, effective, layer_profile, schedule_hash, step_profile
+from ipa_ops.sources import resolve
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@dataclass
+class AdapterInput:
+    """One adapter's conditioning for one row, already combined across its images."""
+
+    alias: str
+    embeds: torch.Tensor  # [n, D] pooled or [n, T, D] hidden states / face embeddings
+    negative: torch.Tensor  # same shape: what replaces the image on the unconditional side
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    masks: torch.Tensor | None = None  # [n, H, W] in [0, 1], at the output size
+
+
+@dataclass
+class RowRequest:
+    """A manifest row with everything resolved: the generator's only input."""
+
+    id: str
+    prompt: str
+    seed: int
+    model: str
+    negative_prompt: str = ""
+    task: str = "text2img"
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance_scale: float = 7.5
+    strength: float = 0.8
+    scheduler: str | None = None
+    init_image: Any = None  # PIL image (img2img, inpaint)
+    mask_image: Any = None  # PIL image (inpaint)
+    adapters: list[AdapterInput] = field(default_factory=list)
+
+    def group_key(self) -> tuple:
+        """What must be equal for rows to share one UNet batch."""
+        strength = self.strength if self.task in ("img2img", "inpaint") else None
+        return (
+            self.model,
+            self.task,
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            float(self.guidance_scale),
+            strength,
+        )
+
+
+@dataclass
+class RowOutput:
+    """What became of one row: an image in [0, 1] (H, W, 3) float32, or an error line."""
+
+    id: str
+    image: np.ndarray | None = None
+    error: str = ""
+    seconds: float = 0.0
+    worker: str = ""
+    schedule_hashes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A base pipeline with its adapters loaded and the batched attention installed."""
+
+    pipe: Any
+    adapters: list[str]  # flow aliases in load order (the order of ip_adapter_image_embeds)
+    facts: list[AdapterFacts]
+    layer_names: list[str]
+    task_pipes: dict[str, Any] = field(default_factory=dict)
+    schedulers: dict[str | None, Any] = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Generator:
+    """Runs RowRequests on loaded pipelines; keeps models loaded across batches."""
+
+    def __init__(self, flow: Flow, device: str | None = None, batch_size: int = 8, cache_kv: bool = True):
+        self.flow = flow
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.cache_kv = cache_kv
+        self.models: dict[str, LoadedModel] = {}
+        self.worker = f"{socket.gethostname()}:{self.device}"
+
+    # -- loading -------------------------------------------------------------------------
+    def dtype(self, spec: ModelSpec) -> torch.dtype:
+        return torch.float32 if self.device == "cpu" else getattr(torch, spec.dtype)
+
+    def load(self, alias: str) -> LoadedModel:
+        """Load a base pipeline and every flow adapter built for it (once per model)."""
+        if alias in self.models:
+            return self.models[alias]
+        from diffusers import AutoPipelineForText2Image
+
+        spec = self.flow.models[alias]
+        mirror = self.flow.mirror_root()
+        folder = resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}").folder
+        pipe = AutoPipelineForText2Image.from_pretrained(folder, dtype=self.dtype(spec), variant=spec.variant)
+        pipe.set_progress_bar_config(disable=True)
+        cross = pipe.unet.config.cross_attention_dim
+        aliases, facts, files = [], [], []
+        for a_alias, a_spec in self.flow.adapters.items():
+            file = self._adapter_file(a_alias, a_spec)
+            found = adapter_facts(file)
+            if found.cross_attention_dim == cross:
+                aliases.append(a_alias)
+                facts.append(found)
+                files.append(file)
+        if files:
+            pipe.load_ip_adapter(
+                [str(f.parent) for f in files],
+                subfolder=[""] * len(files),
+                weight_name=[f.name for f in files],
+                image_encoder_folder=None,
+            )
+        pipe.to(self.device)
+        names = attention.install(pipe.unet) if files else []
+        self.models[alias] = LoadedModel(pipe, aliases, facts, names)
+        return self.models[alias]
+
+    def _adapter_file(self, alias: str, spec: AdapterSpec) -> Any:
+        found = resolve(spec.source, spec.subfolder, spec.weight_name, self.flow.mirror_root(), f"adapter {alias!r}")
+        return found.file
+
+    def task_pipe(self, loaded: LoadedModel, task: str, scheduler: str | None) -> Any:
+        """The pipeline for a task, sharing the base components (`from_pipe`, no second load)."""
+        if task not in loaded.task_pipes:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            makers = {
+                "text2img": lambda p: p,
+                "img2img": AutoPipelineForImage2Image.from_pipe,
+                "inpaint": AutoPipelineForInpainting.from_pipe,
+            }
+            if task not in makers:
+                raise ValueError(f"task {task!r} is not supported by this model; use text2img, img2img or inpaint")
+            pipe = makers[task](loaded.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.task_pipes[task] = pipe
+        pipe = loaded.task_pipes[task]
+        pipe.scheduler = self._scheduler(loaded, scheduler)
+        return pipe
+
+    def _scheduler(self, loaded: LoadedModel, name: str | None) -> Any:
+        if name not in loaded.schedulers:
+            base = loaded.pipe.scheduler
+            if name is None:
+                loaded.schedulers[None] = base
+            else:
+                import diffusers
+
+                if name not in SCHEDULERS:
+                    raise ValueError(f"unknown scheduler {name!r}; one of {sorted(SCHEDULERS)}")
+                loaded.schedulers[name] = getattr(diffusers, SCHEDULERS[name]).from_config(base.config)
+        return loaded.schedulers[name]
+
+    # -- running -------------------------------------------------------------------------
+    def generate(self, rows: list[RowRequest]) -> list[RowOutput]:
+        """Run rows in batches of `batch_size` rows that share a group key; order is kept."""
+        by_group: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_group.setdefault(row.group_key(), []).append(i)
+        outputs: list[RowOutput | None] = [None] * len(rows)
+        for indices in by_group.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk]), strict=True):
+                    outputs[i] = out
+        return [o for o in outputs if o is not None]
+
+    def run_batch(self, rows: list[RowRequest]) -> list[RowOutput]:
+        """One pipeline call; if it fails, each row is retried alone so one bad row fails alone."""
+        start = time.perf_counter()
+        try:
+            images, hashes = self._call(rows)
+        except Exception as exc:  # noqa: BLE001 - a batch failure must not lose the other rows
+            if len(rows) == 1:
+                return [RowOutput(rows[0].id, error=_one_line(exc), worker=self.worker)]
+            return [out for row in rows for out in self.run_batch([row])]
+        seconds = (time.perf_counter() - start) / len(rows)
+        return [
+            RowOutput(row.id, image=img, seconds=seconds, worker=self.worker, schedule_hashes=h)
+            for row, img, h in zip(rows, images, hashes, strict=True)
+        ]
+
+    def _call(self, rows: list[RowRequest]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+        first = rows[0]
+        loaded = self.load(first.model)
+        pipe = self.task_pipe(loaded, first.task, first.scheduler)
+        do_cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        kwargs: dict[str, Any] = dict(
+            prompt=[r.prompt for r in rows],
+            negative_prompt=[r.negative_prompt for r in rows] if do_cfg else None,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
+            output_type="np",
+        )
+        if first.task == "text2img":
+            kwargs.update(height=first.height, width=first.width)
+        else:
+            kwargs.update(image=[r.init_image for r in rows], strength=first.strength)
+            if first.task == "inpaint":
+                kwargs.update(mask_image=[r.mask_image for r in rows], height=first.height, width=first.width)
+        state = None
+        if loaded.adapters:
+            state, embeds = self._ip_state(loaded, pipe, rows, do_cfg)
+            kwargs.update(ip_adapter_image_embeds=embeds, callback_on_step_end=attention.StepCounter(state))
+        attention.bind(pipe.unet, state)
+        try:
+            result = pipe(**kwargs).images
+        finally:
+            attention.bind(pipe.unet, None)
+        hashes = [self._schedule_hashes(loaded, pipe, row) for row in rows]
+        return [np.asarray(img, dtype=np.float32) for img in result], hashes
+
+    def _ip_state(
+        self, loaded: LoadedModel, pipe: Any, rows: list[RowRequest], do_cfg: bool
+    ) -> tuple[attention.IPBatchState, list[torch.Tensor]]:
+        """Pad each adapter's images across rows and build the per-sample state."""
+        n_rows, n_adapters, n_layers = len(rows), len(loaded.adapters), len(loaded.layer_names)
+        layer_scales = torch.zeros(n_rows, n_adapters, n_layers)
+        specs: list[list[ScheduleSpec | None]] = [[None] * n_adapters for _ in rows]
+        embeds, valid, masks = [], [], []
+        masked = torch.zeros(n_rows, n_adapters, dtype=torch.bool)
+        dtype = pipe.unet.dtype
+        for a, alias in enumerate(loaded.adapters):
+            inputs = [next((x for x in r.adapters if x.alias == alias), None) for r in rows]
+            used = [x for x in inputs if x is not None]
+            item_shape = used[0].embeds.shape[1:] if used else _empty_shape(loaded.facts[a])
+            n_max = max([x.embeds.shape[0] for x in used] or [1])
+            pos = torch.zeros((n_rows, n_max, *item_shape))
+            neg = torch.zeros_like(pos)
+            ok = torch.zeros(n_rows, n_max, dtype=torch.bool)
+            region = None
+            if any(x.masks is not None for x in used):
+                region = torch.zeros(n_rows, n_max, rows[0].height, rows[0].width)
+            for b, x in enumerate(inputs):
+                if x is None:
+                    ok[b, 0] = True  # attend to a zero slot; the row's scale is 0 anyway
+                    continue
+                n = x.embeds.shape[0]
+                pos[b, :n], neg[b, :n], ok[b, :n] = x.embeds, x.negative, True
+                specs[b][a] = x.schedule
+                layer_scales[b, a] = torch.as_tensor(
+                    x.schedule.value * layer_profile(x.schedule, pipe.unet, loaded.layer_names)
+                )
+                if x.masks is not None and region is not None:
+                    region[b, :n] = x.masks
+                    masked[b, a] = True
+            embeds.append((torch.cat([neg, pos]) if do_cfg else pos).to(self.device, dtype))
+            valid.append(ok)
+            masks.append(region)
+
+        def resolve_steps(num_steps: int) -> torch.Tensor:
+            out = torch.zeros(n_rows, n_adapters, num_steps)
+            for b in range(n_rows):
+                for a in range(n_adapters):
+                    if specs[b][a] is not None:
+                        out[b, a] = torch.as_tensor(step_profile(specs[b][a], num_steps))
+            return out
+
+        state = attention.IPBatchState(
+            layer_scales=layer_scales,
+            token_valid=valid,
+            masks=masks,
+            masked=masked,
+            cache_kv=self.cache_kv,
+            resolve_steps=resolve_steps,
+            num_steps=lambda: pipe.num_timesteps,
+        )
+        return state, embeds
+
+    def _schedule_hashes(self, loaded: LoadedModel, pipe: Any, row: RowRequest) -> dict[str, str]:
+        """Hash of each adapter's effective [layers, steps] schedule, for provenance."""
+        steps = pipe.num_timesteps
+        return {
+            x.alias: schedule_hash(effective(x.schedule, pipe.unet, loaded.layer_names, steps))
+            for x in row.adapters
+            if x.alias in loaded.adapters
+        }
+
+
+def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:
+    """Input shape of one zero image for an adapter no row of the batch uses."""
+    if facts.needs_face and facts.kind == "faceid":
+        return (facts.face_dim,)
+    return (1, facts.image_dim) if facts.needs_hidden_states else (facts.image_dim,)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]

@@ -1,0 +1,213 @@
+"""Pre-flight: read adapter checkpoint shapes and check them against base model and encoder.
+
+Pairing an IP-Adapter with the wrong encoder or base model is the most common IP-Adapter
+failure, and diffusers reports it deep inside a matmul. Here it is one line before any
+model loads: only tensor shapes and config files are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ipa_ops.flow import AdapterSpec, EncoderSpec, Flow, ModelSpec
+from ipa_ops.sources import SourceNotFound, resolve
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What an IP-Adapter checkpoint expects, read from its tensor shapes."""
+
+    kind: str  # "pooled", "plus", "full_face", "faceid", "faceid_plus"
+    cross_attention_dim: int
+    ip_layers: int
+    image_dim: int  # pooled projection dim or hidden size it consumes (0 for faceid)
+    face_dim: int  # 512 for FaceID checkpoints, else 0
+    tokens: int
+
+    @property
+    def needs_face(self) -> bool:
+        return self.face_dim > 0
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.kind in ("plus", "full_face", "faceid_plus")
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes by flat key (`image_proj.*`, `ip_adapter.*`), without loading weights."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {f"{group}.{k}": tuple(v.shape) for group, sub in state.items() for k, v in sub.items()}
+
+
+def adapter_facts(path: str | Path) -> AdapterFacts:
+    """Classify a checkpoint the way diffusers' loader does, from its key names and shapes."""
+    shapes = _shapes(Path(path))
+    proj = {k[len("image_proj.") :]: v for k, v in shapes.items() if k.startswith("image_proj.")}
+    ip = {k[len("ip_adapter.") :]: v for k, v in shapes.items() if k.startswith("ip_adapter.")}
+    ks = [v for k, v in ip.items() if k.endswith("to_k_ip.weight")]
+    if not ks or not proj:
+        raise ValueError(f"{path}: not an IP-Adapter checkpoint (no image_proj / ip_adapter.*.to_k_ip weights)")
+    cross = ks[0][1]
+    if "proj.weight" in proj:
+        return AdapterFacts("pooled", cross, len(ks), proj["proj.weight"][1], 0, proj["proj.weight"][0] // cross)
+    if "proj.3.weight" in proj:
+        return AdapterFacts("full_face", cross, len(ks), proj["proj.0.weight"][0], 0, 0)
+    if "perceiver_resampler.proj_in.weight" in proj:
+        hidden = proj["perceiver_resampler.proj_in.weight"][1]
+        return AdapterFacts("faceid_plus", cross, len(ks), hidden, proj["proj.0.weight"][1], 0)
+    if "norm.weight" in proj:
+        tokens = proj["proj.2.weight"][0] // proj["norm.weight"][0]
+        return AdapterFacts("faceid", cross, len(ks), 0, proj["proj.0.weight"][1], tokens)
+    return AdapterFacts("plus", cross, len(ks), proj["proj_in.weight"][1], 0, proj["latents"][1])
+
+
+def unet_facts(model_folder: Path) -> tuple[int, int]:
+    """(cross_attention_dim, number of cross-attention layers) from a pipeline's unet/config.json."""
+    cfg = json.loads((model_folder / "unet" / "config.json").read_text())
+    blocks = len(cfg["down_block_types"])
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = [depth] * blocks if isinstance(depth, int) else list(depth)
+    per_block = cfg.get("layers_per_block", 2)
+    layers = sum(per_block * d for t, d in zip(cfg["down_block_types"], depth, strict=True) if "CrossAttn" in t)
+    up = zip(cfg["up_block_types"], depth[::-1], strict=True)
+    layers += sum((per_block + 1) * d for t, d in up if "CrossAttn" in t)
+    if "CrossAttn" in (cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        layers += depth[-1]
+    cross = cfg["cross_attention_dim"]
+    return (cross if isinstance(cross, int) else cross[0]), layers
+
+
+def encoder_dims(folder: Path) -> tuple[int, int]:
+    """(projection_dim, hidden_size) of a CLIP vision encoder folder."""
+    cfg = json.loads((folder / "config.json").read_text())
+    vision = cfg.get("vision_config", cfg)
+    return int(cfg.get("projection_dim", vision.get("projection_dim", 0))), int(vision["hidden_size"])
+
+
+def _encoder_hint(facts: AdapterFacts, weight_name: str) -> str:
+    name = weight_name.rsplit(".", 1)[0]
+    if "vit-h" in name or (facts.image_dim in (1024, 1280) and "sdxl" not in name) or name.endswith("_sd15"):
+        return f"{name} needs the ViT-H encoder from models/image_encoder, not sdxl_models/image_encoder"
+    if "sdxl" in name:
+        return f"{name} needs the ViT-bigG encoder from sdxl_models/image_encoder, not models/image_encoder"
+    return f"pair {name} with the encoder it was trained with"
+
+
+def check_adapter(
+    alias: str, spec: AdapterSpec, flow: Flow, model: tuple[str, ModelSpec] | None = None
+) -> tuple[AdapterFacts | None, list[str]]:
+    """All pre-flight problems of one adapter, each one line naming it, the numbers and a fix."""
+    mirror = flow.mirror_root()
+    path = f"adapters.{alias}"
+    try:
+        file = resolve(spec.source, spec.subfolder, spec.weight_name, mirror, what=f"adapter {alias!r}").file
+        assert file is not None
+        facts = adapter_facts(file)
+    except (SourceNotFound, ValueError, OSError, RuntimeError) as exc:
+        return None, [f"{path}: {exc}"]
+    problems: list[str] = []
+    if model is not None:
+        m_alias, m_spec = model
+        try:
+            folder = resolve(m_spec.source, m_spec.subfolder, None, mirror, what=f"model {m_alias!r}").folder
+            cross, layers = unet_facts(folder)
+        except (SourceNotFound, OSError, KeyError) as exc:
+            return facts, [f"models.{m_alias}: {exc}"]
+        if cross != facts.cross_attention_dim or layers != facts.ip_layers:
+            base = "SDXL" if facts.cross_attention_dim > cross else "SD1.5"
+            problems.append(
+                f"{path}: {spec.weight_name} is built for cross-attention dim {facts.cross_attention_dim} with "
+                f"{facts.ip_layers} IP layers, but model {m_alias!r} has {cross} with {layers}; "
+                f"use an adapter made for that base model (this one looks like {base})"
+            )
+    problems += _check_encoder(alias, spec, facts, flow)
+    return facts, problems
+
+
+def _check_encoder(alias: str, spec: AdapterSpec, facts: AdapterFacts, flow: Flow) -> list[str]:
+    path = f"adapters.{alias}"
+    enc: EncoderSpec | None = flow.encoders.get(spec.encoder) if spec.encoder else None
+    if facts.needs_face and (enc is None or enc.type != "insightface"):
+        if facts.kind == "faceid" or enc is None:
+            return [
+                f"{path}: {spec.weight_name} is a FaceID checkpoint; it needs face embeddings: set encoder "
+                f"to an insightface encoder alias"
+            ]
+    if enc is None:
+        if facts.kind != "faceid":
+            return [f"{path}: no encoder set; {spec.weight_name} needs a clip encoder (add `encoder: <alias>`)"]
+        return []
+    if enc.type == "insightface":
+        if not facts.needs_face:
+            return [
+                f"{path}: {spec.weight_name} takes CLIP image embeddings, but encoder {spec.encoder!r} "
+                f"is insightface; pair it with a clip encoder"
+            ]
+        return []
+    try:
+        folder = resolve(enc.source or "", enc.subfolder, None, flow.mirror_root(), what=f"encoder {spec.encoder!r}")
+        projection, hidden = encoder_dims(folder.folder)
+    except (SourceNotFound, OSError, KeyError) as exc:
+        return [f"encoders.{spec.encoder}: {exc}"]
+    got = hidden if facts.needs_hidden_states else projection
+    what = "hidden size" if facts.needs_hidden_states else "projection dim"
+    problems = []
+    if got != facts.image_dim:
+        problems.append(
+            f"{path}: {spec.weight_name} expects image features of dim {facts.image_dim}, but encoder "
+            f"{spec.encoder!r} has {what} {got}; {_encoder_hint(facts, spec.weight_name)}"
+        )
+    if facts.needs_hidden_states and not enc.hidden_states:
+        problems.append(
+            f"{path}: {spec.weight_name} consumes penultimate hidden states; set "
+            f"encoders.{spec.encoder}.hidden_states: true and re-run extract"
+        )
+    return problems
+
+
+def check_flow(flow: Flow) -> tuple[dict[str, AdapterFacts], list[str]]:
+    """Pre-flight every adapter against the generate stage's model and its encoder."""
+    model: tuple[str, ModelSpec] | None = None
+    if flow.stages.generate is not None:
+        alias = flow.stages.generate.model
+        model = (alias, flow.models[alias])
+    facts: dict[str, AdapterFacts] = {}
+    problems: list[str] = []
+    for alias, spec in flow.adapters.items():
+        found, issues = check_adapter(alias, spec, flow, model)
+        if found is not None:
+            facts[alias] = found
+        problems += issues
+    return facts, problems
+
+
+def check_models(flow: Flow) -> list[str]:
+    """Every model and encoder source resolves (adapters are checked by check_flow)."""
+    problems: list[str] = []
+    mirror = flow.mirror_root()
+    for alias, spec in flow.models.items():
+        try:
+            resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}")
+        except SourceNotFound as exc:
+            problems.append(f"models.{alias}.source: {exc}")
+    for alias, enc in flow.encoders.items():
+        if enc.type == "clip":
+            try:
+                resolve(enc.source or "", enc.subfolder, None, mirror, what=f"encoder {alias!r}")
+            except SourceNotFound as exc:
+                problems.append(f"encoders.{alias}.source: {exc}")
+    return problems
+
+
+def describe(facts: dict[str, AdapterFacts]) -> dict[str, Any]:
+    """Facts as plain data, for run.json."""
+    return {alias: f.__dict__ for alias, f in facts.items()}
