@@ -118,6 +118,7 @@ class Generator:
         self.cache_kv = cache_kv
         self.models: dict[str, LoadedModel] = {}
         self.worker = f"{socket.gethostname()}:{self.device}"
+        self.stats = {"calls": 0, "batch_failures": 0}  # a failed batch is retried row by row
 
     # -- loading -------------------------------------------------------------------------
     def dtype(self, spec: ModelSpec) -> torch.dtype:
@@ -211,6 +212,7 @@ class Generator:
         try:
             images, hashes = self._call(rows)
         except Exception as exc:  # noqa: BLE001 - a batch failure must not lose the other rows
+            self.stats["batch_failures"] += 1
             if len(rows) == 1:
                 return [RowOutput(rows[0].id, error=_one_line(exc), worker=self.worker)]
             return [out for row in rows for out in self.run_batch([row])]
@@ -244,10 +246,16 @@ class Generator:
             state, embeds = self._ip_state(loaded, pipe, rows, do_cfg)
             kwargs.update(ip_adapter_image_embeds=embeds, callback_on_step_end=attention.StepCounter(state))
         attention.bind(pipe.unet, state)
+        if state is not None:
+            # diffusers repeats precomputed embeddings over the batch (one reference for all
+            # prompts); ours are already one per row, so they pass through unchanged.
+            pipe.prepare_ip_adapter_image_embeds = _PassThrough(embeds)
         try:
+            self.stats["calls"] += 1
             result = pipe(**kwargs).images
         finally:
             attention.bind(pipe.unet, None)
+            pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
         hashes = [self._schedule_hashes(loaded, pipe, row) for row in rows]
         return [np.asarray(img, dtype=np.float32) for img in result], hashes
 
@@ -316,6 +324,16 @@ class Generator:
             for x in row.adapters
             if x.alias in loaded.adapters
         }
+
+
+class _PassThrough:
+    """Stands in for `prepare_ip_adapter_image_embeds`: per-row embeddings, already [neg; pos]."""
+
+    def __init__(self, embeds: list[torch.Tensor]):
+        self.embeds = embeds
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return self.embeds
 
 
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:

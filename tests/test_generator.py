@@ -31,22 +31,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _flow(zoo: Path) -> Flow:
-    return Flow.model_validate({
-        "name": "t",
-        "mirror": str(zoo),
-        "models": {"sd15": {"source": SD15}},
-        "encoders": {
-            "vit-h": {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"},
-            "vit-h-hs": {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder",
-                         "hidden_states": True},
-        },
-        "adapters": {
-            "style": {"source": "h94/IP-Adapter", "subfolder": "models", "weight_name": "ip-adapter_sd15.bin",
-                      "encoder": "vit-h"},
-            "plus": {"source": "h94/IP-Adapter", "subfolder": "models",
-                     "weight_name": "ip-adapter-plus_sd15.safetensors", "encoder": "vit-h-hs"},
-        },
-    })
+    return Flow.model_validate(
+        {
+            "name": "t",
+            "mirror": str(zoo),
+            "models": {"sd15": {"source": SD15}},
+            "encoders": {
+                "vit-h": {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"},
+                "vit-h-hs": {
+                    "type": "clip",
+                    "source": "h94/IP-Adapter",
+                    "subfolder": "models/image_encoder",
+                    "hidden_states": True,
+                },
+            },
+            "adapters": {
+                "style": {
+                    "source": "h94/IP-Adapter",
+                    "subfolder": "models",
+                    "weight_name": "ip-adapter_sd15.bin",
+                    "encoder": "vit-h",
+                },
+                "plus": {
+                    "source": "h94/IP-Adapter",
+                    "subfolder": "models",
+                    "weight_name": "ip-adapter-plus_sd15.safetensors",
+                    "encoder": "vit-h-hs",
+                },
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +102,14 @@ def _row(rid: str, seed: int, adapters: list[AdapterInput], **kw: object) -> Row
 
 def _diffusers(pipe: object, row: RowRequest, embeds: list[torch.Tensor], **kw: object) -> np.ndarray:
     out = pipe(  # type: ignore[operator]
-        prompt=row.prompt, negative_prompt=row.negative_prompt, num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale, generator=torch.Generator("cpu").manual_seed(row.seed),
-        ip_adapter_image_embeds=embeds, output_type="np", **kw,
+        prompt=row.prompt,
+        negative_prompt=row.negative_prompt,
+        num_inference_steps=row.steps,
+        guidance_scale=row.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(row.seed),
+        ip_adapter_image_embeds=embeds,
+        output_type="np",
+        **kw,
     )
     return out.images[0]
 
@@ -139,8 +158,9 @@ def test_masked_images_match_diffusers(generator: Generator, ref_style: StableDi
     row = _row("d", 3, [_input("style", emb[0], 0.7, processed)])
     ref_style.set_ip_adapter_scale([[0.7, 0.7]])
     diff_masks = [processed.reshape(1, 2, 64, 64)]
-    expected = _diffusers(ref_style, row, emb, height=64, width=64,
-                          cross_attention_kwargs={"ip_adapter_masks": diff_masks})
+    expected = _diffusers(
+        ref_style, row, emb, height=64, width=64, cross_attention_kwargs={"ip_adapter_masks": diff_masks}
+    )
     assert np.abs(_ours(generator, row) - expected).max() < TOL
 
 
@@ -169,9 +189,60 @@ def test_step_window_matches_cutoff_callback(generator: Generator, ref_style: St
     emb = _embeds(ref_style, [_refs(1)])
     row = _row("f", 21, [_input("style", emb[0], {"value": 0.8, "end": 0.5})], steps=6)
     ref_style.set_ip_adapter_scale(0.8)
-    expected = _diffusers(ref_style, row, emb, height=64, width=64,
-                          callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=0.5))
+    expected = _diffusers(
+        ref_style,
+        row,
+        emb,
+        height=64,
+        width=64,
+        callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=0.5),
+    )
     assert np.abs(_ours(generator, row) - expected).max() < TOL
     # and the window matters: the full-length schedule gives another image
     full = _ours(generator, _row("f", 21, [_input("style", emb[0], 0.8)], steps=6))
     assert np.abs(full - expected).max() > 1e-3
+
+
+def _mixed_rows(ref: StableDiffusionPipeline, zoo: Path) -> list[RowRequest]:
+    """Eight rows that differ in everything a batch may mix: refs, counts, masks, adapters, schedules."""
+    plus = _reference(zoo, ["ip-adapter-plus_sd15.safetensors"])
+    masks = preprocess_masks([Image.open(REPO / "data" / "masks" / f"{s}.png") for s in ("left", "right")], 64, 64)
+    one = [_embeds(ref, [[im]])[0] for im in _refs(4)]
+    two = _embeds(ref, [_refs(2)])[0]
+    hs = _embeds(plus, [_refs(3)[2:]])[0]
+    return [
+        _row("m0", 1, [_input("style", one[0], 0.6)]),
+        _row("m1", 2, [_input("style", two, 0.7, masks)]),
+        _row("m2", 3, [_input("style", one[1], 0.5), _input("plus", hs, 0.4)]),
+        _row("m3", 4, [_input("style", one[2], {"preset": "style"})]),
+        _row("m4", 5, []),
+        _row("m5", 6, [_input("style", one[3], {"value": 0.9, "end": 0.5})]),
+        _row("m6", 7, [_input("style", two, {"curve": "ease_out", "from": 1.0, "to": 0.2})]),
+        _row("m7", 8, [_input("plus", hs, {"steps": [1.0, 0.5]})]),
+    ]
+
+
+def test_mixed_batch_equals_rows_alone(generator: Generator, ref_style: StableDiffusionPipeline, zoo_dir: Path) -> None:
+    rows = _mixed_rows(ref_style, zoo_dir)
+    failures = generator.stats["batch_failures"]
+    batched = generator.run_batch(rows)
+    assert generator.stats["batch_failures"] == failures  # one pipeline call, no per-row fallback
+    assert [o.id for o in batched] == [r.id for r in rows]
+    for row, out in zip(rows, batched, strict=True):
+        assert out.error == "" and out.image is not None
+        alone = _ours(generator, row)
+        assert np.abs(out.image - alone).max() < 2e-3, row.id
+    # rows really differ from each other (the batch is heterogeneous, not 8 copies)
+    assert np.abs(batched[0].image - batched[4].image).max() > 1e-2  # type: ignore[operator]
+
+
+def test_kv_cache_equals_uncached(zoo_dir: Path, ref_style: StableDiffusionPipeline) -> None:
+    rows = _mixed_rows(ref_style, zoo_dir)[:4]
+    with_cache, without = (
+        Generator(_flow(zoo_dir), device="cpu"),
+        Generator(_flow(zoo_dir), device="cpu", cache_kv=False),
+    )
+    cached, plain = with_cache.run_batch(rows), without.run_batch(rows)
+    assert with_cache.stats == without.stats == {"calls": 1, "batch_failures": 0}
+    for a, b in zip(cached, plain, strict=True):
+        assert np.abs(a.image - b.image).max() < 1e-5  # type: ignore[operator]
