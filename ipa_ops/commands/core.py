@@ -92,6 +92,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"stages.generate.store={out / 'store'}",
         f"stages.generate.manifest={REPO / 'manifests' / 'quickstart.csv'}",
         f"stages.generate.output={out / 'quickstart'}",
+        "stages.generate.defaults.width=64",  # the zoo's tiny models: small images, few steps
+        "stages.generate.defaults.height=64",
+        "stages.generate.defaults.steps=4",
     ]
     os.environ.pop("IPA_MIRROR", None)
     flow = load_flow(flow_file, overrides)

@@ -1,0 +1,270 @@
+"""Side-by-side generation throughput: the plain diffusers loop vs ipa, in one run.
+
+One heterogeneous manifest (a different reference per row, three schedules, masks on a third of
+the rows, two adapters on a quarter) is rendered three ways:
+
+  (a) the loop a user writes today: one `pipe(...)` per row, `set_ip_adapter_scale`,
+      `ip_adapter_image_embeds`, masks through `cross_attention_kwargs`, the cutoff callback;
+  (b) ipa's Generator with batch size 1;
+  (c) ipa's Generator with mixed batches.
+
+It prints images/s and peak memory of each, the largest pixel difference of (b) and (c) against
+(a), and ends with `ratios: b/a=<x> c/a=<y>`. With `--device cuda` it also prints the UNet's
+achieved TFLOP/s (counted with torch.utils.flop_counter) against a measured bf16 matmul ceiling.
+Runs without Ray: `python benchmarks/bench_generate.py --size small --device cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers.callbacks import IPAdapterScaleCutoffCallback  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from ipa_ops.conditioning import preprocess_masks  # noqa: E402
+from ipa_ops.flow import Flow  # noqa: E402
+from ipa_ops.generator import AdapterInput, Generator, RowRequest  # noqa: E402
+from ipa_ops.schedules import PRESETS, parse_schedule  # noqa: E402
+from ipa_ops.zoo import build_zoo  # noqa: E402
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+WEIGHTS = ["ip-adapter_sd15.bin", "ip-adapter-plus_sd15.safetensors"]
+SCHEDULES: list[Any] = [0.6, {"preset": "style"}, {"value": 0.8, "end": 0.6}]
+
+
+def _flow(zoo: Path) -> Flow:
+    enc = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}
+    ad = {"source": "h94/IP-Adapter", "subfolder": "models"}
+    return Flow.model_validate(
+        {
+            "name": "bench",
+            "mirror": str(zoo),
+            "models": {"sd15": {"source": SD15, "dtype": "float16"}},
+            "encoders": {"vit-h": enc, "vit-h-hs": {**enc, "hidden_states": True}},
+            "adapters": {
+                "style": {**ad, "weight_name": WEIGHTS[0], "encoder": "vit-h"},
+                "plus": {**ad, "weight_name": WEIGHTS[1], "encoder": "vit-h-hs"},
+            },
+        }
+    )
+
+
+def _reference_image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    img = Image.new("RGB", (224, 224), tuple(int(c) for c in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(5):
+        x, y, r = (int(v) for v in rng.integers(20, 200, 3))
+        draw.ellipse(
+            [x - r // 3, y - r // 3, x + r // 3, y + r // 3], fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
+    return img
+
+
+def _masks(size: int) -> torch.Tensor:
+    left, right = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
+    ImageDraw.Draw(left).rectangle([0, 0, size // 2 - 1, size], fill=255)
+    ImageDraw.Draw(right).rectangle([size // 2, 0, size, size], fill=255)
+    return preprocess_masks([left, right], size, size)
+
+
+def make_rows(pipe: StableDiffusionPipeline, n: int, size: int, steps: int) -> list[dict[str, Any]]:
+    """The heterogeneous manifest, with embeddings computed by diffusers itself."""
+    masks = _masks(size)
+    rows = []
+    for i in range(n):
+        refs = [_reference_image(i)] + ([_reference_image(1000 + i)] if i % 3 == 1 else [])
+        second = i % 4 == 3
+        embeds = pipe.prepare_ip_adapter_image_embeds([refs, [_reference_image(2000 + i)]], None, pipe.device, 1, True)
+        rows.append(
+            {
+                "id": f"r{i}",
+                "seed": i,
+                "prompt": f"a painting of scene {i}",
+                "size": size,
+                "steps": steps,
+                "schedule": SCHEDULES[i % 3] if i % 3 != 1 else 0.7,
+                "masks": masks if i % 3 == 1 else None,
+                "embeds": embeds,
+                "second": second,
+            }
+        )
+    return rows
+
+
+def _adapter_inputs(row: dict[str, Any]) -> list[AdapterInput]:
+    neg, pos = row["embeds"][0].chunk(2)
+    inputs = [AdapterInput("style", pos[0], neg[0], parse_schedule(row["schedule"]), row["masks"])]
+    if row["second"]:
+        neg2, pos2 = row["embeds"][1].chunk(2)
+        inputs.append(AdapterInput("plus", pos2[0], neg2[0], parse_schedule(0.3)))
+    return inputs
+
+
+class CutoffAllAdapters(IPAdapterScaleCutoffCallback):
+    """diffusers' cutoff callback sets one scale, which `set_ip_adapter_scale` refuses when two
+    adapters are loaded; a user of two adapters writes this variant."""
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+            pipeline.set_ip_adapter_scale([0.0, 0.0])
+        return callback_kwargs
+
+
+def run_plain(pipe: StableDiffusionPipeline, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """(a) one diffusers call per row, as documented."""
+    images = []
+    for row in rows:
+        spec = parse_schedule(row["schedule"])
+        scale: Any = PRESETS["sd15"][spec.preset] if spec.preset else spec.value
+        if row["masks"] is not None:
+            scale = [spec.value, spec.value]
+        pipe.set_ip_adapter_scale([scale, 0.3 if row["second"] else 0.0])
+        embeds = [row["embeds"][0], row["embeds"][1] if row["second"] else torch.zeros_like(row["embeds"][1])]
+        kwargs: dict[str, Any] = {}
+        if spec.end < 1:
+            kwargs["callback_on_step_end"] = CutoffAllAdapters(cutoff_step_ratio=spec.end)
+        if row["masks"] is not None:
+            m = row["masks"]
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [m.reshape(1, *m.shape), None]}
+        out = pipe(
+            prompt=row["prompt"],
+            num_inference_steps=row["steps"],
+            height=row["size"],
+            width=row["size"],
+            generator=torch.Generator("cpu").manual_seed(row["seed"]),
+            ip_adapter_image_embeds=embeds,
+            output_type="np",
+            **kwargs,
+        )
+        images.append(out.images[0])
+    return images
+
+
+def run_ipa(gen: Generator, rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """(b)/(c): the same rows through ipa's Generator."""
+    requests = [
+        RowRequest(
+            id=r["id"],
+            prompt=r["prompt"],
+            seed=r["seed"],
+            model="sd15",
+            width=r["size"],
+            height=r["size"],
+            steps=r["steps"],
+            guidance_scale=7.5,
+            adapters=_adapter_inputs(r),
+        )
+        for r in rows
+    ]
+    outs = gen.generate(requests)
+    for o in outs:
+        if o.error:
+            raise RuntimeError(f"{o.id}: {o.error}")
+    return [o.image for o in outs]  # type: ignore[misc]
+
+
+def _peak_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process high-water mark)"
+
+
+def timed(name: str, device: str, fn: Any, n: int) -> tuple[list[np.ndarray], float]:
+    _peak_reset(device)
+    start = time.perf_counter()
+    images = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(f"{name}: {n / seconds:.3f} images/s ({seconds:.1f}s for {n} rows), peak {_peak(device)}", flush=True)
+    return images, n / seconds
+
+
+def unet_tflops(pipe: Any, size: int, batch: int, device: str) -> tuple[float, float]:
+    """(UNet TFLOP per call at this batch, measured bf16 matmul ceiling in TFLOP/s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    lat = torch.randn(2 * batch, 4, size // 8, size // 8, device=device, dtype=unet.dtype)
+    text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(lat, 10, encoder_hidden_states=text)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ a
+    torch.cuda.synchronize()
+    ceiling = reps * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+    return counter.get_total_flops() / 1e12, ceiling
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="small")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--zoo", default=os.environ.get("IPA_BENCH_ZOO", str(Path.home() / ".cache" / "ipa")))
+    args = parser.parse_args()
+    defaults = {"tiny": (16, 64, 4), "small": (16, 128, 8), "full": (64, 512, 30)}[args.size]
+    n, res, steps = args.rows or defaults[0], args.resolution or defaults[1], args.steps or defaults[2]
+    torch.manual_seed(0)
+    zoo = Path(build_zoo(Path(args.zoo) / f"zoo-{args.size}", size=args.size))
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / SD15, dtype=dtype).to(args.device)
+    pipe.load_ip_adapter(str(zoo / "h94/IP-Adapter"), subfolder=["models"] * 2, weight_name=WEIGHTS)
+    pipe.set_progress_bar_config(disable=True)
+    rows = make_rows(pipe, n, res, steps)
+    print(
+        f"bench_generate: size={args.size} device={args.device} rows={n} {res}x{res} steps={steps} "
+        f"batch={args.batch} torch={torch.__version__} threads={torch.get_num_threads()}",
+        flush=True,
+    )
+    flow = _flow(zoo)
+    one = Generator(flow, device=args.device, batch_size=1)
+    mixed = Generator(flow, device=args.device, batch_size=args.batch)
+    for gen in (one, mixed):  # load and warm up outside the timed runs
+        run_ipa(gen, rows[:1])
+    run_plain(pipe, rows[:1])
+    plain, a = timed("(a) diffusers loop", args.device, lambda: run_plain(pipe, rows), n)
+    single, b = timed("(b) ipa batch 1  ", args.device, lambda: run_ipa(one, rows), n)
+    batched, c = timed(f"(c) ipa batch {args.batch}  ", args.device, lambda: run_ipa(mixed, rows), n)
+    diff_b = max(float(np.abs(x - y).max()) for x, y in zip(plain, single, strict=True))
+    diff_c = max(float(np.abs(x - y).max()) for x, y in zip(plain, batched, strict=True))
+    print(f"max |pixel| difference vs (a): b={diff_b:.2e} c={diff_c:.2e}")
+    if args.device == "cuda":
+        flops, ceiling = unet_tflops(pipe, res, args.batch, args.device)
+        unet_calls = n / args.batch * steps
+        print(
+            f"UNet: {flops:.2f} TFLOP per batch-{args.batch} call; (c) achieved "
+            f"{flops * unet_calls * c / n:.1f} TFLOP/s vs bf16 matmul ceiling {ceiling:.0f} TFLOP/s"
+        )
+    print(f"ratios: b/a={b / a:.2f} c/a={c / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The generate stage on Ray Data: manifest rows -> images, results, run.json, report.html.
+
+    manifest ─► check + plan (driver: row keys, skip done) ─► prepare (CPU tasks: embeddings,
+    masks, init images) ─► GeneratorActor pool (models only) ─► encode PNG + commit (CPU tasks)
+    ─► results parts (driver, appended as batches arrive)
+
+A bad row becomes an `error` results row and the others go on. Results are appended as they
+stream in, so a crash loses only rows whose results were not yet written; their keys are not
+done, so the next run makes them again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import ray
+
+from ipa_ops import payload
+from ipa_ops.encoders.ids import encoder_id
+from ipa_ops.flow import Flow, GenerateStage
+from ipa_ops.generator import Generator
+from ipa_ops.images import exists
+from ipa_ops.manifest import check_rows, image_size, read_manifest
+from ipa_ops.outputs import OutputDir, versions
+from ipa_ops.plan import PlanError, RowPlan, plan_row, prepare
+from ipa_ops.preflight import check_adapter
+from ipa_ops.report import build_report
+from ipa_ops.sources import fingerprint, resolve
+from ipa_ops.stages import gpus_per_actor
+from ipa_ops.store import EmbeddingStore
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PrepareRows:
+    """CPU stage: plans in, serialized RowRequests out (errors become error rows)."""
+
+    def __init__(self, store_uri: str | None):
+        self.store = EmbeddingStore(store_uri) if store_uri else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {"plan": [], "payload": [], "error": []}
+        for text in batch["plan"]:
+            plan = RowPlan.from_json(str(text))
+            try:
+                data, error = payload.to_bytes(prepare(plan, self.store)), ""
+            except Exception as exc:  # noqa: BLE001 - one unreadable input fails its row only
+                data, error = b"", _line(exc, plan.id)
+            out["plan"].append(text)
+            out["payload"].append(data)
+            out["error"].append(error)
+        return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+class GeneratorActor:
+    """GPU stage: keeps the Generator (and its loaded pipelines) alive across batches."""
+
+    def __init__(self, flow_json: str, batch_size: int):
+        self.generator = Generator(Flow.model_validate_json(flow_json), batch_size=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        errors = list(batch["error"])
+        todo = [i for i, e in enumerate(errors) if not e]
+        started = _now().isoformat()
+        outputs = self.generator.generate([payload.from_bytes(batch["payload"][i]) for i in todo])
+        images: list[Any] = [None] * len(errors)
+        seconds, hashes = [0.0] * len(errors), ["{}"] * len(errors)
+        for i, out in zip(todo, outputs, strict=True):
+            errors[i] = out.error
+            seconds[i] = out.seconds
+            hashes[i] = json.dumps(out.schedule_hashes)
+            if out.image is not None:
+                images[i] = (np.clip(out.image, 0, 1) * 255).round().astype(np.uint8)
+        return {
+            "plan": batch["plan"],
+            "image": np.array([_npy(im) for im in images], dtype=object),
+            "error": np.array(errors, dtype=object),
+            "seconds": np.array(seconds),
+            "schedule_hashes": np.array(hashes, dtype=object),
+            "worker": np.array([self.generator.worker] * len(errors), dtype=object),
+            "started_at": np.array([started] * len(errors), dtype=object),
+        }
+
+
+def _npy(image: np.ndarray | None) -> bytes:
+    if image is None:
+        return b""
+    buf = io.BytesIO()
+    np.save(buf, image, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _line(exc: BaseException, row_id: str) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if text.startswith("row ") else f"row {row_id}: {text}"
+
+
+class CommitImages:
+    """CPU stage: encode PNGs and write them atomically under images/<row_key>.png."""
+
+    def __init__(self, output_uri: str):
+        self.out = OutputDir(output_uri)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from PIL import Image
+
+        uris = []
+        for text, data, error in zip(batch["plan"], batch["image"], batch["error"], strict=True):
+            plan = RowPlan.from_json(str(text))
+            if error or not data:
+                uris.append("")
+                continue
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+            buf = io.BytesIO()
+            Image.fromarray(array).save(buf, format="PNG")
+            path = self.out.image_path(plan.row_key)
+            self.out.write_bytes_atomic(path, buf.getvalue())
+            uris.append(path)
+        return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(uris, dtype=object)}
+
+
+def _result(plan: RowPlan, status: str, error: str = "", output: str = "", extra: dict | None = None) -> dict:
+    extra = extra or {}
+    row = {
+        "id": plan.id,
+        "row_key": plan.row_key,
+        "status": status,
+        "error": error,
+        "outputs": [output] if output else [],
+        "seed": plan.request["seed"],
+        "started_at": extra.get("started_at") or _now().isoformat(),
+        "finished_at": _now().isoformat(),
+        "seconds": float(extra.get("seconds", 0.0)),
+        "worker": extra.get("worker", ""),
+        "provenance": {**plan.provenance, "schedule_hashes": json.loads(extra.get("schedule_hashes", "{}"))},
+        **plan.report,
+    }
+    return row
+
+
+def _fingerprints(flow: Flow, stage: GenerateStage) -> dict[str, str]:
+    mirror = flow.mirror_root()
+    found = {}
+    for alias, spec in flow.models.items():
+        found[alias] = fingerprint(resolve(spec.source, spec.subfolder, None, mirror, f"model {alias!r}").folder)
+    for alias, spec in flow.adapters.items():
+        file = resolve(spec.source, spec.subfolder, spec.weight_name, mirror, f"adapter {alias!r}").file
+        found[f"adapter:{alias}"] = fingerprint(file)
+    return found
+
+
+def plan_manifest(flow: Flow, stage: GenerateStage, manifest: str | None = None) -> tuple[list[RowPlan], list[dict]]:
+    """Check and plan every row; returns (plans, error results for rows that cannot run)."""
+    df = read_manifest(manifest or stage.manifest)
+    store = EmbeddingStore(stage.store) if stage.store else None
+    usable = usable_keys(store)
+    rows, problems = check_rows(df, flow, stage, exists=exists, store_has=usable.__contains__, image_size=image_size)
+    model = (stage.model, flow.models[stage.model])
+    facts, failed = {}, []
+    for alias, spec in flow.adapters.items():
+        found, issues = check_adapter(alias, spec, flow, model)
+        if found is not None and not issues:
+            facts[alias] = found
+        failed += issues
+    encoder_ids = {a: encoder_id(a, e, flow.mirror_root()) for a, e in flow.encoders.items()}
+    prints = _fingerprints(flow, stage)
+    plans, errors = [], []
+    by_row: dict[str, list[str]] = {}
+    for problem in problems:  # one error result per row, its problems on one line
+        by_row.setdefault(problem.row_id, []).append(str(problem))
+    errors += [{"id": rid, "error": "; ".join(lines)} for rid, lines in by_row.items()]
+    for row in rows:
+        try:
+            plans.append(plan_row(row, flow, stage, facts, encoder_ids, prints, usable))
+        except (PlanError, OSError, ValueError) as exc:
+            errors.append({"id": row.id, "error": _line(exc, row.id)})
+    return plans, errors
+
+
+def usable_keys(store: EmbeddingStore | None) -> set[str]:
+    """Store keys whose embedding can condition a row (status ok)."""
+    if store is None or not store.keys():
+        return set()
+    rows = store.rows(sorted(store.keys()))
+    return set(rows.loc[rows["status"] == "ok", "key"])
+
+
+def manifest_problems(flow: Flow, manifest: str) -> list[str]:
+    """`ipa validate MANIFEST --flow FLOW`: every row problem, one line each."""
+    if flow.stages.generate is None:
+        return ["stages.generate: the flow has no generate stage to check a manifest against"]
+    _, errors = plan_manifest(flow, flow.stages.generate, manifest)
+    return [e["error"] for e in errors]
+
+
+def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorActor) -> dict[str, Any]:
+    """Generate every row whose key is not done yet; returns counts and throughput."""
+    start = time.perf_counter()
+    out = OutputDir(stage.output)
+    plans, bad = plan_manifest(flow, stage)
+    done = out.done_keys()
+    todo = [p for p in plans if p.row_key not in done]
+    skipped = len(plans) - len(todo)
+    failed_rows = [{"id": e["id"], "row_key": "", "status": "error", "error": e["error"]} for e in bad]
+    if failed_rows:
+        out.append_results([_bare_error(r) for r in failed_rows])
+    counts = {"ok": 0, "error": len(failed_rows), "skipped": skipped}
+    seen: set[str] = set()
+    todo = [p for p in todo if not (p.row_key in seen or seen.add(p.row_key))]  # duplicates made once
+    todo.sort(key=lambda p: json.dumps(p.group_key(), default=str))
+    if todo:
+        res = stage.resources
+        ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=max(1, len(todo) // 4))
+        ds = ds.map_batches(
+            PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, concurrency=1, num_cpus=1
+        )
+        ds = ds.map_batches(
+            actor_cls,
+            fn_constructor_args=(flow.model_dump_json(), res.batch_size),
+            batch_size=res.batch_size,
+            concurrency=res.actors,
+            num_gpus=gpus_per_actor(res.num_gpus),
+            num_cpus=res.num_cpus,
+            max_restarts=3,
+            max_task_retries=3,
+        )
+        ds = ds.map_batches(
+            CommitImages, fn_constructor_args=(stage.output,), batch_size=res.batch_size, concurrency=1, num_cpus=0.5
+        )
+        by_id = {p.row_key: p for p in todo}
+        for batch in ds.iter_batches(batch_size=res.batch_size, batch_format="numpy"):
+            rows = []
+            for i in range(len(batch["plan"])):
+                plan = by_id[RowPlan.from_json(str(batch["plan"][i])).row_key]
+                error = str(batch["error"][i])
+                extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at")}
+                status = "error" if error else "ok"
+                counts[status] += 1
+                rows.append(_result(plan, status, error, str(batch["output"][i]), extra))
+            out.append_results(rows)
+    elapsed = time.perf_counter() - start
+    summary = {
+        **counts,
+        "rows": len(plans) + len(bad),
+        "seconds": round(elapsed, 3),
+        "images_per_second": counts["ok"] / elapsed if elapsed else 0.0,
+    }
+    out.write_run_json(
+        {
+            "flow": json.loads(flow.model_dump_json()),
+            "counts": summary,
+            "versions": versions(),
+            "finished_at": _now().isoformat(),
+        }
+    )
+    build_report(stage.output)
+    return summary
+
+
+def _bare_error(r: dict) -> dict:
+    return {
+        **r,
+        "outputs": [],
+        "seed": 0,
+        "started_at": _now().isoformat(),
+        "finished_at": _now().isoformat(),
+        "seconds": 0.0,
+        "worker": "",
+        "provenance": {},
+    }

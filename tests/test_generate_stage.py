@@ -1,0 +1,220 @@
+"""The generate stage end to end on embedded Ray: outputs, resume, bad rows, a crashing actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from ipa_ops.flow import Flow, load_flow
+from ipa_ops.generator import Generator
+from ipa_ops.outputs import OutputDir
+from ipa_ops.plan import prepare
+from ipa_ops.stages.extract import run_extract
+from ipa_ops.stages.generate import GeneratorActor, plan_manifest, run_generate
+from ipa_ops.store import EmbeddingStore
+
+REPO = Path(__file__).resolve().parents[1]
+REFS = [str(REPO / "data" / "refs" / f"ref-{i}.png") for i in range(4)]
+MASKS = [str(REPO / "data" / "masks" / f"{s}.png") for s in ("left", "right")]
+
+
+def _adapters(images: list[str], scale: object = 0.6, **extra: object) -> str:
+    return json.dumps([{"adapter": "style", "images": images, "scale": scale, **extra}])
+
+
+def _good_rows(n: int = 10) -> list[dict]:
+    scales: list[object] = [0.6, {"preset": "style"}, {"value": 0.8, "end": 0.5}, {"curve": "ease_in"}]
+    return [
+        {
+            "id": f"g{i}",
+            "prompt": f"a test image number {i}",
+            "seed": 100 + i,
+            "adapters": _adapters([REFS[i % 4]], scales[i % 4]),
+        }
+        for i in range(n)
+    ]
+
+
+def _flow(root: Path, zoo: Path, manifest: Path, output: str = "out") -> Flow:
+    return load_flow(
+        REPO / "flows" / "quickstart.yaml",
+        [
+            f"mirror={zoo}",
+            f"stages.extract.images={REPO / 'data' / 'refs'}",
+            f"stages.extract.store={root / 'store'}",
+            f"stages.generate.store={root / 'store'}",
+            f"stages.generate.manifest={manifest}",
+            f"stages.generate.output={root / output}",
+            "stages.generate.defaults.width=64",
+            "stages.generate.defaults.height=64",
+            "stages.generate.defaults.steps=3",
+            "stages.generate.resources.batch_size=4",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path, ray_local: None) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("generate")
+    manifest = root / "manifest.csv"
+    pd.DataFrame(_good_rows()).to_csv(manifest, index=False)
+    flow = _flow(root, zoo_dir, manifest)
+    assert flow.stages.extract is not None
+    run_extract(flow, flow.stages.extract)
+    return root, manifest
+
+
+def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    root, manifest = workspace
+    flow = _flow(root, zoo_dir, manifest, "resume")
+    assert flow.stages.generate is not None
+    first = run_generate(flow, flow.stages.generate)
+    assert (first["ok"], first["error"], first["skipped"]) == (10, 0, 0)
+    out = OutputDir(str(root / "resume"))
+    results = out.read_results()
+    assert sorted(results["id"]) == [f"g{i}" for i in range(10)] and set(results["status"]) == {"ok"}
+    images = sorted((root / "resume" / "images").glob("*.png"))
+    assert len(images) == 10 and all(Image.open(p).size == (64, 64) for p in images)
+    report = (root / "resume" / "report.html").read_text()
+    assert all(f"a test image number {i}" in report for i in range(10))
+    assert json.loads((root / "resume" / "run.json").read_text())["counts"]["ok"] == 10
+    provenance = json.loads(results["provenance"].iloc[0])
+    assert provenance["embedding_keys"] and provenance["model_fingerprint"]
+
+    for path in images[:3]:  # a user deletes three images they dislike
+        path.unlink()
+    second = run_generate(flow, flow.stages.generate)
+    assert (second["ok"], second["skipped"]) == (3, 7)
+    assert len(out.read_results()) == 13 and len(list((root / "resume" / "images").glob("*.png"))) == 10
+    third = run_generate(flow, flow.stages.generate)
+    assert (third["ok"], third["skipped"]) == (0, 10)
+    assert len(out.read_results()) == 13
+
+
+def test_changed_parameter_gives_new_key(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    root, manifest = workspace
+    flow = _flow(root, zoo_dir, manifest)
+    assert flow.stages.generate is not None
+    before = {p.id: p.row_key for p in plan_manifest(flow, flow.stages.generate)[0]}
+    changed = pd.read_csv(manifest)
+    changed.loc[0, "seed"] = 999
+    changed.loc[1, "adapters"] = _adapters([REFS[1]], 0.61)
+    path = root / "changed.csv"
+    changed.to_csv(path, index=False)
+    after = {p.id: p.row_key for p in plan_manifest(flow, flow.stages.generate, str(path))[0]}
+    assert after["g0"] != before["g0"] and after["g1"] != before["g1"]
+    assert all(after[k] == before[k] for k in before if k not in ("g0", "g1"))
+
+
+def test_stage_row_equals_diffusers_with_store_embeddings(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    """(a) of the generation issue: scalar scale, ip_adapter_image_embeds read from the store."""
+    root, manifest = workspace
+    flow = _flow(root, zoo_dir, manifest)
+    stage = flow.stages.generate
+    assert stage is not None
+    plan = next(p for p in plan_manifest(flow, stage)[0] if p.id == "g0")
+    store = EmbeddingStore(str(root / "store"))
+    row = prepare(plan, store)
+    (ours,) = Generator(flow, device="cpu").generate([row])
+    assert ours.error == "" and ours.image is not None
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo_dir / "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    pipe.load_ip_adapter(
+        str(zoo_dir / "h94/IP-Adapter"),
+        subfolder="models",
+        weight_name="ip-adapter_sd15.bin",
+        image_encoder_folder=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_ip_adapter_scale(0.6)
+    key = plan.adapters[0].keys[0]
+    pos = store.get([key])[0][None, None]
+    neg = store.uncond(plan.adapters[0].encoder)[None, None]
+    expected = pipe(
+        prompt=row.prompt,
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        guidance_scale=row.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(row.seed),
+        output_type="np",
+        ip_adapter_image_embeds=[torch.cat([neg, pos])],
+    ).images[0]
+    assert np.abs(ours.image - expected).max() < 1e-4
+
+
+BAD_ROWS = {
+    "b-alias": (
+        {"adapters": json.dumps([{"adapter": "stlye", "images": [REFS[0]]}])},
+        "row b-alias: adapters[0].adapter: unknown adapter alias 'stlye'",
+    ),
+    "b-missing": (
+        {"adapters": _adapters([str(REPO / "data" / "refs" / "nope.png")])},
+        "row b-missing: adapters[0].images[0]:",
+    ),
+    "b-maskcount": ({"adapters": _adapters(REFS[:2], masks=MASKS[:1])}, "row b-maskcount: adapters[0].masks:"),
+    "b-aspect": ({"width": 96, "adapters": _adapters(REFS[:2], masks=MASKS)}, "row b-aspect: adapters[0].masks"),
+    "b-size": ({"width": 60}, "row b-size: width: must be a multiple of 8, got 60"),
+    "b-sched": ({"adapters": _adapters([REFS[0]], "{not json")}, "row b-sched: adapters[0].scale:"),
+    "b-nan": ({"adapters": _adapters([REFS[0]], {"value": float("nan")})}, "row b-nan: adapters[0].scale:"),
+}
+
+
+def test_bad_rows_fail_alone_with_messages(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    root, _ = workspace
+    rows = _good_rows(2)
+    for rid, (extra, _) in BAD_ROWS.items():
+        rows.append({"id": rid, "prompt": "bad", "seed": 1, "adapters": _adapters([REFS[0]]), **extra})
+    path = root / "bad.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    flow = _flow(root, zoo_dir, path, "bad")
+    assert flow.stages.generate is not None
+    summary = run_generate(flow, flow.stages.generate)
+    assert (summary["ok"], summary["error"]) == (2, len(BAD_ROWS))
+    results = OutputDir(str(root / "bad")).read_results().set_index("id")
+    for rid, (_, message) in BAD_ROWS.items():
+        assert results.loc[rid, "status"] == "error"
+        assert str(results.loc[rid, "error"]).startswith(message), (rid, results.loc[rid, "error"])
+    assert set(results.loc[["g0", "g1"], "status"]) == {"ok"}
+
+
+class CrashOnThirdBatch(GeneratorActor):
+    """Kills its own process on its third batch, once (a marker file survives the restart)."""
+
+    marker = ""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.batches = 0
+
+    def __call__(self, batch: dict) -> dict:
+        self.batches += 1
+        if self.batches == 3 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed")
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_worker_crash_still_gives_every_row_once(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    root, manifest = workspace
+    flow = _flow(root, zoo_dir, manifest, "crash")
+    stage = flow.stages.generate
+    assert stage is not None
+    stage.resources.batch_size = 2
+    CrashOnThirdBatch.marker = str(root / "crashed.marker")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    summary = run_generate(flow, stage, actor_cls=CrashOnThirdBatch)
+    assert Path(CrashOnThirdBatch.marker).exists()  # it did crash
+    results = OutputDir(str(root / "crash")).read_results()
+    assert summary["ok"] == 10
+    assert sorted(results["id"]) == [f"g{i}" for i in range(10)]  # every row exactly once
