@@ -35,7 +35,7 @@ class IPBatchState:
     token_valid: list[torch.Tensor] = field(default_factory=list)  # per adapter [B, n]
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per adapter [B, n, H, W]
     masked: torch.Tensor | None = None  # [B, A] bool: row uses region masks for this adapter
-    step: int = 0
+    step_index: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     cache_kv: bool = True
     resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called lazily
     num_steps: Any = None  # callable() -> int, the pipeline's actual loop length
@@ -44,10 +44,17 @@ class IPBatchState:
     def scales(self, adapter: int, layer: int, batch: int) -> torch.Tensor:
         """[batch] scales for this adapter and layer at the current step (CFG halves repeated)."""
         if self.step_scales is None:
-            self.step_scales = self.resolve_steps(self.num_steps())
-        step = min(self.step, self.step_scales.shape[-1] - 1)
-        per_row = self.layer_scales[:, adapter, layer] * self.step_scales[:, adapter, step]
+            self.step_scales = self.resolve_steps(self.num_steps()).to(self.layer_scales.device)
+            self.step_index = self.step_index.to(self.layer_scales.device)
+        # the step is a tensor, not a Python int, so a compiled UNet does not recompile per step
+        at_step = self.step_scales[:, adapter].index_select(-1, self.step_index)[:, 0]
+        per_row = self.layer_scales[:, adapter, layer] * at_step
         return per_row.repeat(batch // per_row.shape[0])
+
+    def advance(self, step_index: int) -> None:
+        """Move to the step after `step_index` (clamped to the last scheduled step)."""
+        last = self.step_scales.shape[-1] - 1 if self.step_scales is not None else step_index + 1
+        self.step_index.fill_(min(step_index + 1, last))
 
     def rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
         """Repeat a per-row tensor over the CFG halves of a UNet batch."""
@@ -63,7 +70,7 @@ class StepCounter:
         self.state = state
 
     def __call__(self, pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        self.state.step = step_index + 1
+        self.state.advance(step_index)
         return callback_kwargs
 
 

@@ -34,6 +34,9 @@ class ModelSpec(Strict):
     scheduler: str | None = Field(
         None, description="Scheduler name (ddim, euler, euler_a, dpmpp_2m, lcm, pndm); default: the model's own."
     )
+    compile: bool = Field(
+        False, description="torch.compile the UNet's repeated transformer blocks (regional compilation)."
+    )
 
 
 class EncoderSpec(Strict):

@@ -153,6 +153,8 @@ class Generator:
             )
         pipe.to(self.device)
         names = attention.install(pipe.unet) if files else []
+        if spec.compile:
+            pipe.unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
         self.models[alias] = LoadedModel(pipe, aliases, facts, names)
         return self.models[alias]
 

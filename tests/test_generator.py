@@ -246,3 +246,17 @@ def test_kv_cache_equals_uncached(zoo_dir: Path, ref_style: StableDiffusionPipel
     assert with_cache.stats == without.stats == {"calls": 1, "batch_failures": 0}
     for a, b in zip(cached, plain, strict=True):
         assert np.abs(a.image - b.image).max() < 1e-5  # type: ignore[operator]
+
+
+def test_compiled_unet_follows_a_changed_schedule(zoo_dir: Path, ref_style: StableDiffusionPipeline) -> None:
+    flow = _flow(zoo_dir)
+    flow.models["sd15"].compile = True
+    compiled, eager = Generator(flow, device="cpu"), Generator(_flow(zoo_dir), device="cpu")
+    emb = _embeds(ref_style, [_refs(1)])
+    first = _row("k", 4, [_input("style", emb[0], 0.9)])
+    changed = _row("k", 4, [_input("style", emb[0], {"value": 0.9, "end": 0.3, "preset": "layout"})])
+    a = _ours(compiled, first)
+    b = _ours(compiled, changed)
+    assert np.abs(a - b).max() > 1e-3  # the new schedule changed the image after compilation ...
+    assert np.abs(b - _ours(eager, changed)).max() < 2e-3  # ... to what the eager UNet makes of it
+    assert np.abs(a - _ours(eager, first)).max() < 2e-3

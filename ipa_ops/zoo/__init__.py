@@ -1,0 +1,200 @@
+"""The zoo: an offline, deterministic *mirror* of the Hugging Face repositories ipa uses.
+
+Hub id ``org/name`` lives at ``<root>/org/name/`` with the real on-disk layout and state-dict
+keys, filled with seeded random weights (``sizes.py`` holds the tiny and full dimensions).
+``build_zoo`` is cached and atomic: each repository is built in a hidden folder inside ``root``
+and moved into place, and the marker ``<root>/.zoo-<size>.json`` is written last, so an
+interrupted build is never mistaken for a finished one. A rebuild gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .faces import PACK_DIR, draw_face, draw_faces, face_analysis_kwargs
+from .sizes import FULL, TINY, ZooSizes, get_sizes
+
+__all__ = [
+    "FULL",
+    "REPOS",
+    "TINY",
+    "ZOO_VERSION",
+    "build_zoo",
+    "draw_face",
+    "draw_faces",
+    "face_analysis_kwargs",
+    "is_built",
+    "marker_path",
+    "zoo_configs",
+]
+
+log = logging.getLogger(__name__)
+
+ZOO_VERSION = 2  # bump whenever any builder's output changes
+
+
+@dataclass(frozen=True)
+class Repo:
+    """One mirrored repository: its path under the root and the function that writes it."""
+
+    path: str
+    build: Callable[[Path, ZooSizes], None]
+
+
+def _sd15(path: Path, sizes: ZooSizes) -> None:
+    from .sd import build_sd15
+
+    build_sd15(path, sizes)
+
+
+def _sdxl(path: Path, sizes: ZooSizes) -> None:
+    from .sd import build_sdxl
+
+    build_sdxl(path, sizes)
+
+
+def _ip_adapter(path: Path, sizes: ZooSizes) -> None:
+    from .ip_adapters import build_ip_adapter_repo
+
+    build_ip_adapter_repo(path, sizes)
+
+
+def _laion(path: Path, sizes: ZooSizes) -> None:
+    from .clip import build_clip_model
+
+    build_clip_model(path, sizes, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+
+def _faces(path: Path, sizes: ZooSizes) -> None:
+    from .faces import build_face_pack
+
+    build_face_pack(path)
+
+
+# Later entries (ControlNet, MotionAdapter, LCM-LoRA, FaceID ...) are appended here.
+REPOS: tuple[Repo, ...] = (
+    Repo("stable-diffusion-v1-5/stable-diffusion-v1-5", _sd15),
+    Repo("stabilityai/stable-diffusion-xl-base-1.0", _sdxl),
+    Repo("h94/IP-Adapter", _ip_adapter),
+    Repo("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", _laion),
+    Repo(PACK_DIR, _faces),
+)
+
+
+def marker_path(root: str | Path, size: str) -> Path:
+    return Path(root) / f".zoo-{size}.json"
+
+
+def _marker(size: str) -> dict[str, Any]:
+    return {"version": ZOO_VERSION, "size": size, "repos": [r.path for r in REPOS]}
+
+
+def is_built(root: str | Path, size: str = "tiny") -> bool:
+    """Whether ``root`` holds a finished zoo of ``size`` at the current version and repo list."""
+    try:
+        data = json.loads(marker_path(root, size).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return data == _marker(size)  # a new repo entry or version invalidates old builds
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise builders of one root (parallel test workers, several ``ipa demo``)."""
+    with open(root / ".zoo.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _install(staging: Path, root: Path) -> None:
+    """Move each built repo over its old copy; the marker is written only after all moves."""
+    for repo in REPOS:
+        src, dst = staging / repo.path, root / repo.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+
+
+def build_zoo(root: str | Path, size: Literal["tiny", "full"] = "tiny", force: bool = False) -> Path:
+    """Fabricate the mirror at ``root`` (cached; ``force`` rebuilds) and return ``root``."""
+    sizes = get_sizes(size)
+    root = Path(root).expanduser().absolute()
+    if not force and is_built(root, size):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        if not force and is_built(root, size):  # another process finished meanwhile
+            return root
+        for stale in root.glob(".zoo-build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = root / f".zoo-build-{size}-{os.getpid()}"
+        started = time.perf_counter()
+        try:
+            with _isolated(single_thread=size == "tiny"):
+                for repo in REPOS:
+                    t0 = time.perf_counter()
+                    repo.build(staging / repo.path, sizes)
+                    log.info("zoo %s: %s in %.1fs", size, repo.path, time.perf_counter() - t0)
+            for old in root.glob(".zoo-*.json"):  # repos are about to change size
+                old.unlink()
+            _install(staging, root)
+            tmp = root / f".zoo-{size}.json.tmp"
+            tmp.write_text(json.dumps(_marker(size), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, marker_path(root, size))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("built %s zoo at %s in %.1fs", size, root, time.perf_counter() - started)
+    return root
+
+
+@contextlib.contextmanager
+def _isolated(single_thread: bool) -> Iterator[None]:
+    """Silence init warnings, keep the caller's torch RNG and thread count as they were.
+
+    Tiny models are all per-op overhead: extra intra-op threads only contend with whatever
+    else runs on the machine, so tiny builds use one thread.
+    """
+    import warnings
+
+    import torch
+
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")
+        if single_thread:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def zoo_configs(size: Literal["tiny", "full"] = "tiny", with_shapes: bool = True) -> dict[str, Any]:
+    """Every config dict (and adapter tensor shape) of ``size``, without writing weights.
+
+    The dry-run path for ``full``: the UNets needed for the adapter key layout are built on the
+    meta device, so this is cheap even at real sizes.
+    """
+    from . import clip, sd
+
+    sizes = get_sizes(size)
+    out: dict[str, Any] = {**sd.configs(sizes), **clip.configs(sizes)}
+    if with_shapes:
+        from .ip_adapters import shapes
+
+        out["ip_adapters"] = shapes(sizes)
+    return out

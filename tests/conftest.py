@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny zoo (built once per session), offline hub, embedded Ray."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
+os.environ.pop("IPA_MIRROR", None)
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny zoo; reuses IPA_TEST_ZOO when it points at a finished build (faster local runs)."""
+    from ipa_ops.zoo import build_zoo
+
+    cached = os.environ.get("IPA_TEST_ZOO")
+    root = Path(cached) if cached else tmp_path_factory.mktemp("zoo")
+    return Path(build_zoo(root, size="tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One embedded Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
