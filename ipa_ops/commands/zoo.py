@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zsub.add_parser("build", help="build the zoo into DIR (reused when already built)")
     build.add_argument("dir")
-    build.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    build.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     build.add_argument("--force", action="store_true", help="rebuild even if DIR holds a finished zoo")
     build.set_defaults(func=_build)
 

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .faces import PACK_DIR, draw_face, draw_faces, face_analysis_kwargs
-from .sizes import FULL, TINY, ZooSizes, get_sizes
+from .sizes import FULL, TINY, Size, ZooSizes, get_sizes
 
 __all__ = [
     "FULL",
@@ -129,7 +129,7 @@ def _install(staging: Path, root: Path) -> None:
         os.replace(src, dst)
 
 
-def build_zoo(root: str | Path, size: Literal["tiny", "full"] = "tiny", force: bool = False) -> Path:
+def build_zoo(root: str | Path, size: Size = "tiny", force: bool = False) -> Path:
     """Fabricate the mirror at ``root`` (cached; ``force`` rebuilds) and return ``root``."""
     sizes = get_sizes(size)
     root = Path(root).expanduser().absolute()
@@ -183,7 +183,7 @@ def _isolated(single_thread: bool) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def zoo_configs(size: Literal["tiny", "full"] = "tiny", with_shapes: bool = True) -> dict[str, Any]:
+def zoo_configs(size: Size = "tiny", with_shapes: bool = True) -> dict[str, Any]:
     """Every config dict (and adapter tensor shape) of ``size``, without writing weights.
 
     The dry-run path for ``full``: the UNets needed for the adapter key layout are built on the

@@ -14,10 +14,10 @@ of hard-coding them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-Size = Literal["tiny", "full"]
+Size = Literal["tiny", "small", "full"]
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,22 @@ TINY = ZooSizes(
     plus_sdxl=ResamplerSizes(hidden_dims=48, heads=1),
 )
 
-SIZES: dict[str, ZooSizes] = {"tiny": TINY, "full": FULL}
+# SMALL: the tiny zoo with a wider SD1.5 UNet and text encoder, so UNet compute dominates a CPU
+# benchmark the way it does on a GPU at full size (encoders and SDXL stay tiny).
+SMALL = replace(
+    TINY,
+    name="small",
+    sd15_unet=UNetSizes(
+        block_out_channels=(64, 128, 256, 256),
+        attention_head_dim=8,
+        cross_attention_dim=128,
+        norm_num_groups=32,
+        sample_size=16,
+    ),
+    sd15_text=TextSizes(128, 512, 2, 4, projection_dim=128),
+)
+
+SIZES: dict[str, ZooSizes] = {"tiny": TINY, "small": SMALL, "full": FULL}
 
 
 def get_sizes(size: str) -> ZooSizes:
