@@ -95,7 +95,7 @@ def make_rows(pipe: StableDiffusionPipeline, n: int, size: int, steps: int) -> l
                 "prompt": f"a painting of scene {i}",
                 "size": size,
                 "steps": steps,
-                "schedule": SCHEDULES[i % 3] if i % 3 != 1 else 0.7,
+                "schedule": 0.7 if i % 3 == 1 else SCHEDULES[(i // 3) % 3],
                 "masks": masks if i % 3 == 1 else None,
                 "embeds": embeds,
                 "second": second,
@@ -113,13 +113,17 @@ def _adapter_inputs(row: dict[str, Any]) -> list[AdapterInput]:
     return inputs
 
 
-class CutoffAllAdapters(IPAdapterScaleCutoffCallback):
+class CutoffFirstAdapter(IPAdapterScaleCutoffCallback):
     """diffusers' cutoff callback sets one scale, which `set_ip_adapter_scale` refuses when two
-    adapters are loaded; a user of two adapters writes this variant."""
+    adapters are loaded; a user of two adapters writes this variant (it keeps the second's scale)."""
+
+    def __init__(self, cutoff_step_ratio: float, other: float):
+        super().__init__(cutoff_step_ratio=cutoff_step_ratio)
+        self.other = other
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
-            pipeline.set_ip_adapter_scale([0.0, 0.0])
+            pipeline.set_ip_adapter_scale([0.0, self.other])
         return callback_kwargs
 
 
@@ -135,7 +139,7 @@ def run_plain(pipe: StableDiffusionPipeline, rows: list[dict[str, Any]]) -> list
         embeds = [row["embeds"][0], row["embeds"][1] if row["second"] else torch.zeros_like(row["embeds"][1])]
         kwargs: dict[str, Any] = {}
         if spec.end < 1:
-            kwargs["callback_on_step_end"] = CutoffAllAdapters(cutoff_step_ratio=spec.end)
+            kwargs["callback_on_step_end"] = CutoffFirstAdapter(spec.end, 0.3 if row["second"] else 0.0)
         if row["masks"] is not None:
             m = row["masks"]
             kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [m.reshape(1, *m.shape), None]}
@@ -189,6 +193,7 @@ def _peak(device: str) -> str:
 
 
 def timed(name: str, device: str, fn: Any, n: int) -> tuple[list[np.ndarray], float]:
+    """Run one way once; returns its images and the seconds it took."""
     _peak_reset(device)
     start = time.perf_counter()
     images = fn()
@@ -196,7 +201,7 @@ def timed(name: str, device: str, fn: Any, n: int) -> tuple[list[np.ndarray], fl
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     print(f"{name}: {n / seconds:.3f} images/s ({seconds:.1f}s for {n} rows), peak {_peak(device)}", flush=True)
-    return images, n / seconds
+    return images, seconds
 
 
 def unet_tflops(pipe: Any, size: int, batch: int, device: str) -> tuple[float, float]:
@@ -226,6 +231,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three ways")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--zoo", default=os.environ.get("IPA_BENCH_ZOO", str(Path.home() / ".cache" / "ipa")))
@@ -250,9 +256,21 @@ def main() -> None:
     for gen in (one, mixed):  # load and warm up outside the timed runs
         run_ipa(gen, rows[:1])
     run_plain(pipe, rows[:1])
-    plain, a = timed("(a) diffusers loop", args.device, lambda: run_plain(pipe, rows), n)
-    single, b = timed("(b) ipa batch 1  ", args.device, lambda: run_ipa(one, rows), n)
-    batched, c = timed(f"(c) ipa batch {args.batch}  ", args.device, lambda: run_ipa(mixed, rows), n)
+    ways = {
+        "(a) diffusers loop": lambda: run_plain(pipe, rows),
+        "(b) ipa batch 1": lambda: run_ipa(one, rows),
+        f"(c) ipa batch {args.batch}": lambda: run_ipa(mixed, rows),
+    }
+    seconds = dict.fromkeys(ways, 0.0)
+    images: dict[str, list[np.ndarray]] = {}
+    names = list(ways)
+    for r in range(args.rounds):  # interleaved, rotating order: a busy machine slows all three alike
+        for name in names[r % 3 :] + names[: r % 3]:
+            images[name], took = timed(name, args.device, ways[name], n)
+            seconds[name] += took
+    a, b, c = (n * args.rounds / seconds[name] for name in names)
+    print(f"images/s over {args.rounds} rounds: a={a:.3f} b={b:.3f} c={c:.3f}")
+    plain, single, batched = (images[name] for name in names)
     diff_b = max(float(np.abs(x - y).max()) for x, y in zip(plain, single, strict=True))
     diff_c = max(float(np.abs(x - y).max()) for x, y in zip(plain, batched, strict=True))
     print(f"max |pixel| difference vs (a): b={diff_b:.2e} c={diff_c:.2e}")

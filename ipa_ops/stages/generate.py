@@ -250,7 +250,7 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
         **counts,
         "rows": len(plans) + len(bad),
         "seconds": round(elapsed, 3),
-        "images_per_second": counts["ok"] / elapsed if elapsed else 0.0,
+        "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed else 0.0,
     }
     out.write_run_json(
         {
