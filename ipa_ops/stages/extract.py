@@ -1,0 +1,404 @@
+"""The extract stage on Ray Data: reference images -> embedding store.
+
+    list inputs (driver) ─► read + sha256 + claim + decode (CPU tasks) ─► face encoder pools
+    ─► CLIP encoder pools (also fed the aligned face crops) ─► driver: rows -> store parts
+
+With GPU pools, decoding runs in CPU tasks on the CPUs the pools leave free. With CPU pools the
+decode step gets the pools' resources, so Ray Data fuses it into the first pool's actors: on a
+CPU-only machine every core then decodes and encodes, and no decoded pixels cross processes.
+
+Each row travelling through the pipeline is one (image, encoder) job. A shared `Claims` actor
+knows every key already in the store and hands each new key to exactly one task, so an image
+stored before, or present twice under two names, is never decoded or encoded again. The driver
+commits a part every `commit_rows` rows or `commit_seconds`, so a crash loses at most what was
+not yet committed; the next run skips what was. Bad inputs become `error` rows, never exceptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from PIL import Image
+
+from ipa_ops.encoders.ids import clip_folder, encoder_id, face_pack_dir
+from ipa_ops.errors import UserError
+from ipa_ops.flow import EncoderSpec, ExtractStage, Flow
+from ipa_ops.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
+from ipa_ops.stages import gpus_per_actor
+from ipa_ops.store import EmbeddingStore, build_table, content_key, now, uncond_key, vector_dims
+
+log = logging.getLogger(__name__)
+DECODE_BATCH = 4  # images decoded per call: small, so encoders start early and memory stays low
+JOB = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("sha256", pa.string()),
+        ("encoder", pa.string()),  # alias
+        ("origin", pa.string()),  # "" for inputs, the face alias for aligned face crops
+        ("state", pa.string()),  # todo | stored | error | done
+        ("error", pa.string()),
+        ("notes", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("pixels", pa.large_binary()),  # raw RGB, dropped once encoded
+        ("result", pa.large_binary()),  # pickled store rows from an encoder actor
+    ]
+)
+COUNT_FIELDS = ("new", "stored", "failed", "no_face")
+
+
+def _job(uri: str, sha: str, alias: str, state: str, **extra: Any) -> dict[str, Any]:
+    return {"uri": uri, "sha256": sha, "encoder": alias, "origin": "", "state": state, "error": "", "notes": "",
+            "width": 0, "height": 0, "pixels": b"", "result": b"", **extra}  # fmt: skip
+
+
+def _table(jobs: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(jobs, schema=JOB)
+
+
+@ray.remote(num_cpus=0)
+class Claims:
+    """Hands out each (image, encoder) key once per run; keys already stored are never handed out."""
+
+    def __init__(self, stored: set[str]):
+        self.taken = set(stored)
+
+    def claim(self, keys: list[str]) -> list[bool]:
+        out = []
+        for key in keys:
+            out.append(key not in self.taken)
+            self.taken.add(key)
+        return out
+
+
+def decode_batch(batch: pa.Table, claims: Any, encoders: dict[str, str], max_pixels: int) -> pa.Table:
+    """CPU task: read and hash each input, claim its keys, decode only what some encoder still needs."""
+    jobs: list[dict[str, Any]] = []
+    read: list[tuple[str, bytes, str]] = []
+    for uri in batch.column("uri").to_pylist():
+        try:
+            data = read_bytes(uri)
+        except ImageError as exc:
+            jobs += [_job(uri, "", alias, "error", error=str(exc)) for alias in encoders]
+            continue
+        read.append((uri, data, sha256_bytes(data)))
+    keys = [content_key(sha, enc) for _, _, sha in read for enc in encoders.values()]
+    wanted = iter(ray.get(claims.claim.remote(keys)) if keys else [])
+    for uri, data, sha in read:
+        todo = [alias for alias in encoders if next(wanted)]
+        jobs += [_job(uri, sha, alias, "stored") for alias in encoders if alias not in todo]
+        if not todo:
+            continue
+        try:
+            image, notes = decode_image(data, uri, max_pixels)
+        except ImageError as exc:
+            jobs += [_job(uri, sha, alias, "error", error=str(exc)) for alias in todo]
+            continue
+        pixels = np.asarray(image, dtype=np.uint8).tobytes()
+        fields = {"notes": "; ".join(notes), "width": image.width, "height": image.height, "pixels": pixels}
+        jobs += [_job(uri, sha, alias, "todo", **fields) for alias in todo]
+    return _table(jobs)
+
+
+def _image(job: dict[str, Any]) -> Image.Image:
+    return Image.frombuffer("RGB", (job["width"], job["height"]), job["pixels"], "raw", "RGB", 0, 1)
+
+
+def _row(job: dict[str, Any], enc_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """A store row for a job: content key, provenance and the encoder's fields."""
+    return {"key": content_key(job["sha256"], enc_id), "image_sha256": job["sha256"], "source_uri": job["uri"],
+            "encoder": enc_id, "kind": kind, "status": "ok", "error": "", "notes": job["notes"],
+            "created_at": now(), **fields}  # fmt: skip
+
+
+class EncodeActor:
+    """One encoder's actor: encodes its `todo` jobs, passes every other job through unchanged."""
+
+    def __init__(self, alias: str, spec_json: str, mirror: str | None, enc_id: str, gpu: bool, emit_uncond: bool,
+                 claims: Any = None, crop_encoders: dict[str, str] | None = None):  # fmt: skip
+        self.alias, self.enc_id, self.spec = alias, enc_id, EncoderSpec.model_validate_json(spec_json)
+        self.emit_uncond, self.claims, self.crop_encoders = emit_uncond, claims, crop_encoders or {}
+        self.mirror, self.gpu = mirror, gpu
+        self._encoder: Any = None
+
+    @property
+    def encoder(self) -> Any:
+        """The model, loaded on first use: a re-run where everything is stored loads nothing."""
+        if self._encoder is None:
+            if self.spec.type == "clip":
+                from ipa_ops.encoders.clip import ClipEncoder
+
+                folder = clip_folder(self.spec, self.mirror)
+                self._encoder = ClipEncoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
+            else:
+                from ipa_ops.encoders.face import FaceEncoder
+
+                pack = face_pack_dir(self.spec, self.mirror)
+                self._encoder = FaceEncoder(pack, self.spec.det_size, self.spec.face, gpu=self.gpu)
+        return self._encoder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        jobs = batch.to_pylist()
+        mine = [j for j in jobs if j["state"] == "todo" and j["encoder"] == self.alias]
+        extra = [self._uncond()] if self.emit_uncond else []
+        self.emit_uncond = False
+        if mine and self.spec.type == "clip":
+            self._encode_clip(mine)
+        elif mine:
+            extra += self._encode_faces(mine)
+        for job in mine:
+            job["state"], job["pixels"] = "done", b""
+        return _table(jobs + extra)
+
+    def _uncond(self) -> dict[str, Any]:
+        if self.spec.type == "clip":
+            fields = self.encoder.uncond()
+        else:
+            fields = {"image_embeds": np.zeros(self.encoder.embedding_dim(), dtype=np.float32)}
+        origin = {"sha256": "", "uri": "", "notes": "unconditional (negative) embedding, as diffusers computes it"}
+        row = {
+            **_row(origin, self.enc_id, "clip" if self.spec.type == "clip" else "face"),
+            "key": uncond_key(self.enc_id),
+        }
+        row.update(fields)
+        if "hidden_states" in fields:
+            row["hidden_shape"] = list(fields["hidden_states"].shape)
+        return _job("", "", self.alias, "done", result=pickle.dumps([row]))
+
+    def _encode_clip(self, jobs: list[dict[str, Any]]) -> None:
+        try:
+            results = self.encoder.encode([_image(j) for j in jobs])
+        except Exception:  # one bad image must not fail its batch: retry one by one to isolate it
+            results = [self._encode_one(j) for j in jobs]
+        for job, fields in zip(jobs, results, strict=True):
+            if "error" in fields:
+                row = _row(job, self.enc_id, "clip", status="error", error=fields["error"])
+            else:
+                shape = {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
+                row = _row(job, self.enc_id, "clip", **fields, **shape)
+            job["result"] = pickle.dumps([row])
+
+    def _encode_one(self, job: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.encoder.encode([_image(job)])[0]
+        except Exception as exc:
+            return {"error": f"{job['uri']}: encoder {self.alias} failed ({type(exc).__name__}: {exc})"}
+
+    def _encode_faces(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Face rows for `jobs`; returns new jobs that CLIP-encode the aligned crops."""
+        crops: list[dict[str, Any]] = []
+        for job in jobs:
+            try:
+                fields = self.encoder.encode(_image(job))
+            except Exception as exc:
+                fields = {"status": "error", "error": f"face analysis failed ({type(exc).__name__}: {exc})"}
+            crop = fields.pop("crop", None)
+            if fields["status"] != "ok":
+                fields["error"] = f"{job['uri']}: {fields['error']}"
+            job["result"] = pickle.dumps([_row(job, self.enc_id, "face", **fields)])
+            if crop is not None and self.crop_encoders:
+                crops += self._crop_jobs(job, fields["crop_sha256"], crop)
+        return crops
+
+    def _crop_jobs(self, job: dict[str, Any], sha: str, crop: np.ndarray) -> list[dict[str, Any]]:
+        keys = [content_key(sha, enc) for enc in self.crop_encoders.values()]
+        wanted = ray.get(self.claims.claim.remote(keys))
+        uri = f"{job['uri']}#face-crop"
+        fields = {"origin": self.alias, "notes": f"aligned face crop ({self.alias}) of {job['uri']}",
+                  "width": crop.shape[1], "height": crop.shape[0], "pixels": crop.tobytes()}  # fmt: skip
+        return [
+            _job(uri, sha, alias, "todo" if want else "stored", **(fields if want else {"origin": self.alias}))
+            for alias, want in zip(self.crop_encoders, wanted, strict=True)
+        ]
+
+
+class Committer:
+    """Driver side: buffers store rows per encoder and commits them as parts; keeps keys unique."""
+
+    def __init__(self, store: EmbeddingStore, known: dict[str, tuple[str, str]], rows: int, seconds: float):
+        self.store, self.rows_limit, self.seconds = store, rows, seconds
+        self.done = {k for k, (status, _) in known.items() if status != "error"}
+        self.errors = {k: error for k, (status, error) in known.items() if status == "error"}
+        self.buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.exemplars: dict[str, dict[str, Any]] = {}
+        self.last = time.monotonic()
+        self.parts = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        key, enc = row["key"], row["encoder"]
+        if key in self.done or (row["status"] == "error" and self.errors.get(key) == row["error"]):
+            return  # already stored (or the same failure already recorded)
+        if row["status"] != "error":
+            self.done.add(key)
+        if row.get("image_embeds") is not None and enc not in self.exemplars:
+            self.exemplars[enc] = row
+        self.buffers[enc].append(row)
+        if sum(map(len, self.buffers.values())) >= self.rows_limit or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every buffer whose vector widths are known (from the folder or a row with vectors)."""
+        for enc, rows in self.buffers.items():
+            if not rows:
+                continue
+            exemplar = self.exemplars.get(enc)
+            dims = self.store.dims(enc) or (vector_dims(exemplar) if exemplar else {})
+            if not dims:
+                continue  # only error rows so far and no schema yet: wait for the encoder's first vectors
+            dtype = str(exemplar["hidden_states"].dtype) if exemplar and "hidden_states" in exemplar else "float32"
+            self.store.append(build_table(rows, dims, hidden_dtype=dtype))
+            self.parts += 1
+            rows.clear()
+        self.last = time.monotonic()
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start an embedded Ray; True when this call started one."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+    else:  # workers must import ipa_ops even when it runs from a source checkout, not an install
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return True
+
+
+def summarize(counts: dict[str, dict[str, int]]) -> str:
+    """One line per encoder: `vit-h: 0 new, 20 already stored, 0 failed, 0 no face`."""
+    return "\n".join(
+        f"{alias}: {c['new']} new, {c['stored']} already stored, {c['failed']} failed, {c['no_face']} no face"
+        for alias, c in counts.items()
+    )
+
+
+def _error_row(job: dict[str, Any], enc_id: str, kind: str) -> dict[str, Any]:
+    sha = job["sha256"] or "uri-" + hashlib.sha256(job["uri"].encode()).hexdigest()  # unreadable: no content hash
+    return {**_row({**job, "sha256": sha}, enc_id, kind), "image_sha256": job["sha256"], "status": "error",
+            "error": job["error"]}  # fmt: skip
+
+
+def run_extract(
+    flow: Flow,
+    stage: ExtractStage,
+    commit_rows: int = 256,
+    commit_seconds: float = 60.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Encode every input image not yet in the store; counts per encoder alias (crops as `alias:face-crops`).
+
+    `on_batch(n)` is called with the number of finished jobs in each batch that reaches the driver.
+    """
+    mirror = flow.mirror_root()
+    specs = {alias: flow.encoders[alias] for alias in stage.encoders}
+    for alias, spec in specs.items():
+        if spec.type == "insightface" and spec.face not in ("largest", "best_score") and not spec.face.isdigit():
+            raise UserError(f"encoders.{alias}.face: must be largest, best_score or an index, got {spec.face!r}")
+    ids = {alias: encoder_id(alias, spec, mirror) for alias, spec in specs.items()}
+    kinds = {alias: "clip" if spec.type == "clip" else "face" for alias, spec in specs.items()}
+    clips = {a: ids[a] for a in ids if kinds[a] == "clip"}
+    counts: dict[str, dict[str, int]] = {a: dict.fromkeys(COUNT_FIELDS, 0) for a in ids}
+    uris = expand_inputs(stage.images)
+    if not uris:
+        return counts
+    store = EmbeddingStore(stage.store if "://" in stage.store else os.path.abspath(stage.store))
+    store.clean_temp()
+    known = store.statuses()
+    committer = Committer(store, known, commit_rows, commit_seconds)
+    started = ensure_ray(flow.ray.address)
+    claims = Claims.remote(committer.done)
+    batches: Any = iter(())
+    try:
+        ds = _pipeline(flow, stage, uris, ids, kinds, clips, claims, {k for k in known if k.startswith("uncond/")})
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+        for batch in batches:
+            for job in batch.drop_columns(["pixels"]).to_pylist():
+                _collect(job, ids, kinds, counts, committer)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
+    finally:
+        getattr(batches, "close", lambda: None)()  # stops the pipeline at once when the driver fails
+        committer.flush()  # whatever arrived is kept, even when the run fails half-way
+        ray.kill(claims)
+        if started:
+            ray.shutdown()
+    log.info("extract into %s: %d parts written\n%s", stage.store, committer.parts, summarize(counts))
+    return counts
+
+
+def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, str], kinds: dict[str, str],
+              clips: dict[str, str], claims: Any, unconds: set[str]) -> ray.data.Dataset:  # fmt: skip
+    res = stage.resources
+    gpus = gpus_per_actor(res.num_gpus)
+    if gpus:  # GPU pools: decoding runs in CPU tasks on the CPUs the pools leave free
+        free = float(ray.cluster_resources().get("CPU", 1)) - len(ids) * res.actors * res.num_cpus
+        cap = None if free >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
+        decode = {"num_cpus": 1.0 if free >= 1 else max(0.0, free), "compute": ray.data.TaskPoolStrategy(size=cap)}
+    else:  # CPU pools: same resources, so Ray Data fuses decoding into the first pool's actors (no pixel copies)
+        decode = {"num_cpus": res.num_cpus, "compute": ray.data.TaskPoolStrategy(size=res.actors)}
+    blocks = max(1, len(uris) // max(res.batch_size, DECODE_BATCH))  # per-block overhead is paid per block
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=DECODE_BATCH,
+        batch_format="pyarrow",
+        fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
+        **decode,
+    )
+    for alias in sorted(ids, key=lambda a: kinds[a] != "face"):  # faces first: their crops feed CLIP pools
+        spec = flow.encoders[alias]
+        ds = ds.map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={
+                "alias": alias,
+                "spec_json": spec.model_dump_json(),
+                "mirror": flow.mirror_root(),
+                "enc_id": ids[alias],
+                "gpu": gpus > 0,
+                "emit_uncond": f"uncond/{ids[alias]}" not in unconds,
+                "claims": claims,
+                "crop_encoders": clips if kinds[alias] == "face" else None,
+            },  # fmt: skip
+            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            batch_size=res.batch_size,
+            batch_format="pyarrow",
+            num_cpus=res.num_cpus,
+            num_gpus=gpus,
+        )
+    return ds
+
+
+def _collect(job: dict[str, Any], ids: dict[str, str], kinds: dict[str, str], counts: dict[str, dict[str, int]],
+             committer: Committer) -> None:  # fmt: skip
+    """Count one finished job and hand its store rows to the committer."""
+    alias = job["encoder"]
+    label = f"{alias}:face-crops" if job["origin"] else alias
+    tally = counts.setdefault(label, dict.fromkeys(COUNT_FIELDS, 0))
+    if job["state"] == "stored":
+        tally["stored"] += 1
+        return
+    if job["state"] == "error":
+        committer.add(_error_row(job, ids[alias], kinds[alias]))
+        tally["failed"] += 1
+        log.warning("%s", job["error"])
+        return
+    for row in pickle.loads(job["result"]) if job["result"] else []:
+        committer.add(row)
+        if row["key"].startswith("uncond/"):
+            continue
+        status = row["status"]
+        tally["new" if status == "ok" else "no_face" if status == "no_face" else "failed"] += 1
+        if status != "ok":
+            log.warning("%s", row["error"])
