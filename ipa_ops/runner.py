@@ -9,6 +9,7 @@ from typing import Any
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow import Flow
+from ipa_ops.ledger import recording
 
 STAGE_ORDER = ("extract", "generate")
 
@@ -50,7 +51,7 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
         if getattr(flow.stages, name) is None:
             raise UserError(f"stages.{name}: this flow has no {name} stage; add it or pick another --stage")
     results: dict[str, Any] = {}
-    with ray_session(flow):
+    with recording(flow, wanted, results), ray_session(flow):  # one ledger record per run
         for name in wanted:
             if name == "extract":
                 from ipa_ops.stages.extract import run_extract
