@@ -23,7 +23,9 @@ def ray_session(flow: Flow) -> Iterator[None]:
         yield
         return
     address = flow.ray.address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("IPA_", "HF_"))}}
+    env: dict | None = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("IPA_", "HF_"))}}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a Ray job: its runtime_env already applies
+        env = None
     ray.init(
         address=address,
         runtime_env=env,

@@ -149,7 +149,7 @@ def test_good_rows_get_flow_defaults(flow: Flow) -> None:
     assert (a.model, a.negative_prompt, a.steps, a.width, a.task) == ("sd15", "blurry", 20, 512, "text2img")
     assert a.adapters[0].scale == 0.7  # the adapter's flow default
     assert a.adapters[0].combine == "concat" and a.adapters[0].face is None
-    assert b.adapters[0].face == FaceOptions(fallback="skip")
+    assert b.adapters[0].face == FaceOptions()  # fallback, crop, shortcut_scale: the flow's
     assert a.seed == check_rows(df, flow, flow.stages.generate, exists=FILES.__contains__)[0][0].seed  # stable
 
 
@@ -284,4 +284,5 @@ def test_quickstart_manifests_agree_and_check_clean(monkeypatch: pytest.MonkeyPa
     rows, problems = check_rows(csv, flow, flow.stages.generate, exists=uri_exists)
     assert problems == []
     assert [r.adapters[0].scale for r in rows] == [0.6, {"preset": "style"}, {"value": 0.8, "end": 0.6}, 1.0]
-    assert [(r.seed, r.width, r.height, r.steps) for r in rows] == [(i, 64, 64, 4) for i in range(1, 5)]
+    # sizes come from the flow's defaults (512x512, 30 steps); `ipa demo` overrides them for the zoo
+    assert [(r.seed, r.width, r.height, r.steps) for r in rows] == [(i, 512, 512, 30) for i in range(1, 5)]
