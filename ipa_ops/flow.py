@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ipa_ops.errors import UserError
 
 DType = Literal["float16", "bfloat16", "float32"]
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "pndm", "unipc"]
+# name -> diffusers class; each is built with `from_config(<the model's own scheduler config>)`
+SCHEDULERS: dict[str, str] = dict(
+    zip(
+        get_args(SchedulerName),
+        (
+            "DDIMScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "LCMScheduler",
+            "PNDMScheduler",
+            "UniPCMultistepScheduler",
+        ),
+        strict=True,
+    )
+)
 
 
 class Strict(BaseModel):
@@ -31,12 +48,34 @@ class ModelSpec(Strict):
     subfolder: str | None = Field(None, description="Subfolder inside the source, if the pipeline is not at its root.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
     dtype: DType = Field("float16", description="Weights dtype on GPU; CPU always runs float32.")
-    scheduler: str | None = Field(
-        None, description="Scheduler name (ddim, euler, euler_a, dpmpp_2m, lcm, pndm); default: the model's own."
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="Scheduler for rows that name none (ddim, euler, euler_a, dpmpp_2m, lcm, pndm, unipc), built "
+        "with `from_config` from the model's own scheduler config; default: the model's own scheduler.",
+    )
+    scheduler_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Config overrides for the scheduler, as `from_config(config, **options)` takes them; e.g. "
+        "AnimateDiff's `{clip_sample: false, timestep_spacing: linspace, beta_schedule: linear, steps_offset: 1}`.",
+    )
+    controlnet: str | None = Field(
+        None, description="Alias (in `controlnets:`) of the ControlNet that rows with task `controlnet` use."
+    )
+    motion_adapter: str | None = Field(
+        None,
+        description="Alias (in `motion_adapters:`) of the AnimateDiff MotionAdapter that rows with task `video` use.",
     )
     compile: bool = Field(
         False, description="torch.compile the UNet's repeated transformer blocks (regional compilation)."
     )
+
+
+class ModuleSpec(Strict):
+    """A single diffusers model folder: a ControlNet or a MotionAdapter."""
+
+    source: str = Field(description="Hub id or path, e.g. `lllyasviel/control_v11f1p_sd15_depth`.")
+    subfolder: str | None = Field(None, description="Subfolder inside the source, if the model is not at its root.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
 
 
 class EncoderSpec(Strict):
@@ -71,11 +110,48 @@ class AdapterSpec(Strict):
     weight_name: str = Field(description="Checkpoint file name, e.g. `ip-adapter_sd15.bin`.")
     encoder: str | None = Field(None, description="Alias of the encoder whose embeddings feed this adapter.")
     scale: Any = Field(1.0, description="Default scale schedule for rows that give none (any schedule form).")
+    face_crop: bool | None = Field(
+        None,
+        description="CLIP adapters: feed the CLIP embedding of each reference's aligned face crop (found by "
+        "`face_encoder`) instead of the whole image; rows may override with `face: {crop: ...}`. "
+        "Default: true for face adapters (plus-face, full-face), false otherwise.",
+    )
+    face_encoder: str | None = Field(
+        None,
+        description="Alias of the insightface encoder whose aligned crops feed this adapter (face_crop); "
+        "default: the flow's only insightface encoder.",
+    )
+    clip_encoder: str | None = Field(
+        None,
+        description="FaceID-Plus: alias of the clip encoder (hidden_states: true) whose embedding of the aligned "
+        "face crop becomes the adapter's `clip_embeds`.",
+    )
+    shortcut: bool | None = Field(
+        None, description="FaceID-Plus: add the ID tokens to the output (Plus v2). Default: true for `plusv2` weights."
+    )
+    shortcut_scale: float = Field(
+        1.0, description="FaceID-Plus v2: weight of the face structure (`shortcut_scale`); rows may override it."
+    )
+    fallback: Literal["error", "skip", "drop_adapter"] = Field(
+        "error",
+        description="When a reference of this adapter has no face in the store (FaceID, face crops): `error` fails "
+        "the row, `skip` records it as skipped, `drop_adapter` renders it without this adapter; rows may override.",
+    )
+
+    def crops_faces(self) -> bool:
+        """Whether this CLIP adapter is fed aligned face crops: `face_crop`, else by its name (plus-face, full-face)."""
+        if self.face_crop is not None:
+            return self.face_crop
+        name = self.weight_name.lower()
+        return "face" in name and "faceid" not in name
 
 
 class LoraSpec(Strict):
-    source: str = Field(description="Hub id or path of the LoRA repository or file.")
-    weight_name: str | None = Field(None, description="LoRA file name inside the source.")
+    source: str = Field(description="Hub id or path of the LoRA repository, e.g. `latent-consistency/lcm-lora-sdv1-5`.")
+    subfolder: str | None = Field(None, description="Subfolder of the LoRA file inside the source.")
+    weight_name: str | None = Field(
+        None, description="LoRA file name; default: diffusers' `pytorch_lora_weights.safetensors`."
+    )
     weight: float = Field(1.0, description="LoRA strength.")
 
 
@@ -108,6 +184,12 @@ class GenerateDefaults(Strict):
     steps: int = Field(30, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     strength: float = Field(0.8, gt=0, le=1, description="img2img / inpaint strength.")
+    controlnet_scale: float = Field(
+        1.0, ge=0, description="ControlNet rows: diffusers' `controlnet_conditioning_scale`."
+    )
+    num_frames: int | None = Field(
+        None, ge=1, description="Video rows: frames per video (AnimateDiff uses 16); empty: each video row sets it."
+    )
 
 
 class GenerateStage(Strict):
@@ -138,7 +220,17 @@ class Flow(Strict):
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Base pipelines by alias.")
     encoders: dict[str, EncoderSpec] = Field(default_factory=dict, description="Image and face encoders by alias.")
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict, description="IP-Adapters by alias.")
-    loras: dict[str, LoraSpec] = Field(default_factory=dict, description="LoRAs applied to every row of the flow.")
+    loras: dict[str, LoraSpec] = Field(
+        default_factory=dict,
+        description="LoRAs applied to every row of the flow; the alias is the diffusers adapter name.",
+    )
+    controlnets: dict[str, ModuleSpec] = Field(
+        default_factory=dict, description="ControlNets by alias; a model names one with `controlnet:`."
+    )
+    motion_adapters: dict[str, ModuleSpec] = Field(
+        default_factory=dict,
+        description="AnimateDiff MotionAdapters by alias; a model names one with `motion_adapter:`.",
+    )
     stages: Stages = Field(default_factory=Stages)
     schedule: str | None = Field(None, description="Cron expression for scheduled cluster runs.")
 
@@ -148,6 +240,23 @@ class Flow(Strict):
         for name, adapter in self.adapters.items():
             if adapter.encoder is not None and adapter.encoder not in self.encoders:
                 problems.append(_unknown_alias(f"adapters.{name}.encoder", adapter.encoder, self.encoders))
+            for key, kind in (("face_encoder", "insightface"), ("clip_encoder", "clip")):
+                alias = getattr(adapter, key)
+                if alias is not None and alias not in self.encoders:
+                    problems.append(_unknown_alias(f"adapters.{name}.{key}", alias, self.encoders))
+                elif alias is not None and self.encoders[alias].type != kind:
+                    problems.append(f"adapters.{name}.{key}: {alias!r} is a {self.encoders[alias].type} encoder; "
+                                    f"name a {kind} encoder")  # fmt: skip
+        for name, model in self.models.items():
+            if model.controlnet is not None and model.controlnet not in self.controlnets:
+                problems.append(_unknown_alias(f"models.{name}.controlnet", model.controlnet, self.controlnets))
+            if model.motion_adapter is not None and model.motion_adapter not in self.motion_adapters:
+                problems.append(
+                    _unknown_alias(f"models.{name}.motion_adapter", model.motion_adapter, self.motion_adapters)
+                )
+        for name in self.loras:
+            if name.startswith("faceid_"):
+                problems.append(f"loras.{name}: aliases starting with faceid_ are diffusers' FaceID LoRAs; rename it")
         if self.stages.extract is not None:
             for i, enc in enumerate(self.stages.extract.encoders):
                 if enc not in self.encoders:

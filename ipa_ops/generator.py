@@ -17,21 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ipa_ops import attention
+from ipa_ops import attention, faceid, loras, tasks
+from ipa_ops.flow import SCHEDULERS as SCHEDULERS  # re-exported: scheduler names live in the flow format
 from ipa_ops.flow import AdapterSpec, Flow, ModelSpec
 from ipa_ops.preflight import AdapterFacts, adapter_facts
 from ipa_ops.schedules import ScheduleSpec, effective, layer_profile, schedule_hash, step_profile
 from ipa_ops.sources import resolve
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "lcm": "LCMScheduler",
-    "pndm": "PNDMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 
 @dataclass
@@ -43,6 +34,9 @@ class AdapterInput:
     negative: torch.Tensor  # same shape: what replaces the image on the unconditional side
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     masks: torch.Tensor | None = None  # [n, H, W] in [0, 1], at the output size
+    clip_embeds: torch.Tensor | None = None  # FaceID-Plus: [n, T, H] CLIP hidden states of the face crops
+    clip_negative: torch.Tensor | None = None  # FaceID-Plus: their unconditional side, same shape
+    shortcut_scale: float | None = None  # FaceID-Plus v2: this row's shortcut scale (None: the flow's)
 
 
 @dataclass
@@ -63,11 +57,16 @@ class RowRequest:
     scheduler: str | None = None
     init_image: Any = None  # PIL image (img2img, inpaint)
     mask_image: Any = None  # PIL image (inpaint)
+    control_image: Any = None  # PIL image (controlnet), as given: the pipeline resizes it
+    controlnet_scale: float = 1.0  # controlnet: `controlnet_conditioning_scale`
+    num_frames: int | None = None  # video
     adapters: list[AdapterInput] = field(default_factory=list)
 
     def group_key(self) -> tuple:
         """What must be equal for rows to share one UNet batch."""
         strength = self.strength if self.task in ("img2img", "inpaint") else None
+        # diffusers takes one controlnet_conditioning_scale and one num_frames per call
+        per_call = {"controlnet": self.controlnet_scale, "video": self.num_frames}.get(self.task)
         return (
             self.model,
             self.task,
@@ -77,12 +76,13 @@ class RowRequest:
             self.scheduler,
             float(self.guidance_scale),
             strength,
+            per_call,
         )
 
 
 @dataclass
 class RowOutput:
-    """What became of one row: an image in [0, 1] (H, W, 3) float32, or an error line."""
+    """What became of one row: an image in [0, 1] (H, W, 3) float32 (video: (F, H, W, 3)), or an error line."""
 
     id: str
     image: np.ndarray | None = None
@@ -102,6 +102,11 @@ class LoadedModel:
     layer_names: list[str]
     task_pipes: dict[str, Any] = field(default_factory=dict)
     schedulers: dict[str | None, Any] = field(default_factory=dict)
+    faces: Any = None  # faceid.FaceIDModel: FaceID LoRAs and FaceID-Plus layers, bound per call
+
+    def __post_init__(self) -> None:
+        # the model's own scheduler, kept before any task pipe's scheduler is swapped (tasks.scheduler)
+        self.schedulers.setdefault(None, self.pipe.scheduler)
 
 
 def default_device() -> str:
@@ -131,10 +136,23 @@ class Generator:
         from diffusers import AutoPipelineForText2Image
 
         spec = self.flow.models[alias]
+        same = [a for a in self.models if _base(self.flow.models[a]) == _base(spec)]
+        if same:  # another alias of the same base (e.g. with another controlnet): share it
+            self.models[alias] = self.models[same[0]]
+            return self.models[alias]
         mirror = self.flow.mirror_root()
         folder = resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}").folder
         pipe = AutoPipelineForText2Image.from_pretrained(folder, dtype=self.dtype(spec), variant=spec.variant)
         pipe.set_progress_bar_config(disable=True)
+        self.models[alias] = self.equip(pipe, compile=spec.compile)
+        return self.models[alias]
+
+    def equip(self, pipe: Any, compile: bool = False, text_encoder_loras: bool = True) -> LoadedModel:
+        """Load every flow adapter that fits `pipe` (then the flow's LoRAs), and install the batched attention.
+
+        Used for base pipelines and for pipelines with their own UNet (video); `text_encoder_loras=False`
+        when the text encoder is shared with a base that already has the LoRAs.
+        """
         cross = pipe.unet.config.cross_attention_dim
         aliases, facts, files = [], [], []
         for a_alias, a_spec in self.flow.adapters.items():
@@ -151,62 +169,57 @@ class Generator:
                 weight_name=[f.name for f in files],
                 image_encoder_folder=None,
             )
+        loras.load(pipe, self.flow, text_encoder=text_encoder_loras)  # after the IP-Adapters, as the guide does
         pipe.to(self.device)
         names = attention.install(pipe.unet) if files else []
-        if spec.compile:
+        if compile:
             pipe.unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
-        self.models[alias] = LoadedModel(pipe, aliases, facts, names)
-        return self.models[alias]
+        loaded = LoadedModel(pipe, aliases, facts, names)
+        loaded.faces = faceid.after_load(pipe, aliases, facts, self.flow)
+        return loaded
 
     def _adapter_file(self, alias: str, spec: AdapterSpec) -> Any:
         found = resolve(spec.source, spec.subfolder, spec.weight_name, self.flow.mirror_root(), f"adapter {alias!r}")
         return found.file
 
-    def task_pipe(self, loaded: LoadedModel, task: str, scheduler: str | None) -> Any:
-        """The pipeline for a task, sharing the base components (`from_pipe`, no second load)."""
-        if task not in loaded.task_pipes:
-            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
-            makers = {
-                "text2img": lambda p: p,
-                "img2img": AutoPipelineForImage2Image.from_pipe,
-                "inpaint": AutoPipelineForInpainting.from_pipe,
-            }
-            if task not in makers:
-                raise ValueError(f"task {task!r} is not supported by this model; use text2img, img2img or inpaint")
-            pipe = makers[task](loaded.pipe)
-            pipe.set_progress_bar_config(disable=True)
-            loaded.task_pipes[task] = pipe
-        pipe = loaded.task_pipes[task]
-        pipe.scheduler = self._scheduler(loaded, scheduler)
+    def task_pipe(self, loaded: LoadedModel, task: str, scheduler: str | None, model: str | None = None) -> Any:
+        """The pipeline for a task, sharing the base components (`from_pipe`, no second load; tasks.py)."""
+        pipe = tasks.task_pipe(self, loaded, task, model)
+        options = self.flow.models[model].scheduler_options if model in self.flow.models else {}
+        pipe.scheduler = tasks.scheduler(loaded, scheduler, options)
         return pipe
-
-    def _scheduler(self, loaded: LoadedModel, name: str | None) -> Any:
-        if name not in loaded.schedulers:
-            base = loaded.pipe.scheduler
-            if name is None:
-                loaded.schedulers[None] = base
-            else:
-                import diffusers
-
-                if name not in SCHEDULERS:
-                    raise ValueError(f"unknown scheduler {name!r}; one of {sorted(SCHEDULERS)}")
-                loaded.schedulers[name] = getattr(diffusers, SCHEDULERS[name]).from_config(base.config)
-        return loaded.schedulers[name]
 
     # -- running -------------------------------------------------------------------------
     def generate(self, rows: list[RowRequest]) -> list[RowOutput]:
         """Run rows in batches of `batch_size` rows that share a group key; order is kept."""
         by_group: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_group.setdefault(row.group_key(), []).append(i)
         outputs: list[RowOutput | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            problem = self.adapter_problem(row)
+            if problem:  # fails alone, before it can fail a batch
+                outputs[i] = RowOutput(row.id, error=problem, worker=self.worker)
+                continue
+            by_group.setdefault((row.group_key(), faceid.lora_key(self, row)), []).append(i)
         for indices in by_group.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk]), strict=True):
                     outputs[i] = out
         return [o for o in outputs if o is not None]
+
+    def adapter_problem(self, row: RowRequest) -> str:
+        """A row naming an adapter that is not loaded for its model (built for another base model)."""
+        try:
+            loaded = self.load(row.model)
+        except Exception:  # noqa: BLE001 - a model that cannot load fails its rows in run_batch, with its error
+            return ""
+        foreign = [x.alias for x in row.adapters if x.alias not in loaded.adapters]
+        if not foreign:
+            return ""
+        return (
+            f"row {row.id}: adapters: {', '.join(map(repr, foreign))} not loaded for model {row.model!r} (built "
+            f"for another cross-attention dim); use adapters made for {row.model!r} or set the row's model"
+        )
 
     def run_batch(self, rows: list[RowRequest]) -> list[RowOutput]:
         """One pipeline call; if it fails, each row is retried alone so one bad row fails alone."""
@@ -226,8 +239,8 @@ class Generator:
 
     def _call(self, rows: list[RowRequest]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
         first = rows[0]
-        loaded = self.load(first.model)
-        pipe = self.task_pipe(loaded, first.task, first.scheduler)
+        loaded = tasks.model_for(self, self.load(first.model), first)  # video: the AnimateDiff model
+        pipe = self.task_pipe(loaded, first.task, first.scheduler, first.model)
         do_cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         kwargs: dict[str, Any] = dict(
             prompt=[r.prompt for r in rows],
@@ -236,30 +249,28 @@ class Generator:
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
             output_type="np",
+            **tasks.call_kwargs(rows),
         )
-        if first.task == "text2img":
-            kwargs.update(height=first.height, width=first.width)
-        else:
-            kwargs.update(image=[r.init_image for r in rows], strength=first.strength)
-            if first.task == "inpaint":
-                kwargs.update(mask_image=[r.mask_image for r in rows], height=first.height, width=first.width)
         state = None
         if loaded.adapters:
             state, embeds = self._ip_state(loaded, pipe, rows, do_cfg)
+            tasks.spread_over_frames(state, first)
             kwargs.update(ip_adapter_image_embeds=embeds, callback_on_step_end=attention.StepCounter(state))
         attention.bind(pipe.unet, state)
+        faceid.bind(loaded.faces, loaded.adapters, rows, do_cfg, self.device)  # FaceID LoRAs, per-row clip_embeds
         if state is not None:
             # diffusers repeats precomputed embeddings over the batch (one reference for all
             # prompts); ours are already one per row, so they pass through unchanged.
             pipe.prepare_ip_adapter_image_embeds = _PassThrough(embeds)
         try:
             self.stats["calls"] += 1
-            result = pipe(**kwargs).images
+            result = tasks.outputs(pipe(**kwargs))
         finally:
             attention.bind(pipe.unet, None)
+            faceid.unbind(loaded.faces)
             pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
         hashes = [self._schedule_hashes(loaded, pipe, row) for row in rows]
-        return [np.asarray(img, dtype=np.float32) for img in result], hashes
+        return result, hashes
 
     def _ip_state(
         self, loaded: LoadedModel, pipe: Any, rows: list[RowRequest], do_cfg: bool
@@ -338,9 +349,14 @@ class _PassThrough:
         return self.embeds
 
 
+def _base(spec: ModelSpec) -> tuple:
+    """What makes two model aliases the same loaded base pipeline."""
+    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile)
+
+
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:
     """Input shape of one zero image for an adapter no row of the batch uses."""
-    if facts.needs_face and facts.kind == "faceid":
+    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image
         return (facts.face_dim,)
     return (1, facts.image_dim) if facts.needs_hidden_states else (facts.image_dim,)
 

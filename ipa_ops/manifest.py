@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ipa_ops.flow import Flow, GenerateStage
+from ipa_ops.flow import Flow, GenerateStage, SchedulerName
 from ipa_ops.manifest_io import (
     ADAPTER_FIELD_DOCS,
     COLUMN_DOCS,
@@ -45,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "combine": get_args(Combine),
     "mask_fit": get_args(MaskFit),
     "fallback": get_args(Fallback),
+    "scheduler": get_args(SchedulerName),
 }
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "img2img": ("init_image",),
@@ -60,8 +61,16 @@ class _Strict(BaseModel):
 
 
 class FaceOptions(_Strict):
-    fallback: Fallback = Field(
-        "skip", description="No face in a reference: `skip` the row, or `drop_adapter` and render without it."
+    fallback: Fallback | None = Field(
+        None,
+        description="No face in a reference: `skip` the row, or `drop_adapter` and render without it; "
+        "empty: the adapter's flow `fallback` (default: the row fails with the reason).",
+    )
+    crop: bool | None = Field(
+        None, description="CLIP face adapters: true feeds the aligned face crop, false the whole image; empty: flow."
+    )
+    shortcut_scale: float | None = Field(
+        None, allow_inf_nan=False, description="FaceID-Plus v2: weight of the face structure; empty: the flow's."
     )
 
 
@@ -74,7 +83,9 @@ class AdapterRef(_Strict):
     scale: Any = Field(1.0, description="Scale schedule, decoded from JSON; `schedules.parse_schedule` reads it.")
     mask_fit: MaskFit | None = Field(None, description=ADAPTER_FIELD_DOCS["mask_fit"])
     soft_masks: bool = Field(False, description=ADAPTER_FIELD_DOCS["soft_masks"])
-    face: FaceOptions | None = Field(None, description="FaceID options; set (with defaults) for FaceID adapters.")
+    face: FaceOptions | None = Field(
+        None, description="Face options (FaceID adapters, CLIP adapters fed face crops); set with defaults for FaceID."
+    )
 
     def scale_text(self) -> str:
         """The schedule as written, for results and the report."""
@@ -98,7 +109,7 @@ class ManifestRow(_Strict):
     strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description=COLUMN_DOCS["strength"])
     controlnet_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description=COLUMN_DOCS["controlnet_scale"])
     num_frames: int | None = Field(None, ge=1, description=COLUMN_DOCS["num_frames"])
-    scheduler: str | None = Field(None, description=COLUMN_DOCS["scheduler"])
+    scheduler: SchedulerName | None = Field(None, description=COLUMN_DOCS["scheduler"])
     adapters: list[AdapterRef] = Field(default_factory=list, description="IP-Adapter entries.")
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="`x_` user columns and partition values, carried to the results."
@@ -295,8 +306,12 @@ def _adapter_checks(
             yield f"{at}.adapter", f"{alias!r} is already used by adapters[{used[alias]}]; list all its images there"
         else:
             used[alias] = i
-            if entry.get("face") and not _is_faceid(ctx.flow, alias):
-                yield f"{at}.face", f"face options apply only to FaceID adapters (insightface encoder); not {alias!r}"
+            if entry.get("face") and not _uses_faces(ctx.flow, alias, entry.get("face")):
+                yield (
+                    f"{at}.face",
+                    f"face options apply only to FaceID adapters (insightface encoder) and adapters fed face crops "
+                    f"(face_crop, or face.crop: true); not {alias!r}",
+                )
     images, masks, negatives = (_str_list(entry.get(k)) for k in ("images", "masks", "negative_images"))
     counts_ok = images is not None and masks is not None and (not masks or len(masks) == len(images))
     if images is not None and masks and not counts_ok:
@@ -383,6 +398,13 @@ def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
 
 def _unknown(kind: str, alias: str, defined: Mapping[str, Any]) -> str:
     return f"unknown {kind} alias {alias!r}{did_you_mean(alias, defined)}; defined: {', '.join(defined) or 'none'}"
+
+
+def _uses_faces(flow: Flow, alias: str, options: Any) -> bool:
+    """Face options apply to FaceID adapters and to CLIP adapters fed face crops (by the flow, or `crop: true`)."""
+    spec = flow.adapters.get(alias)
+    crops = spec is not None and (spec.crops_faces() or spec.face_encoder is not None)
+    return _is_faceid(flow, alias) or crops or (isinstance(options, dict) and options.get("crop") is True)
 
 
 def _is_faceid(flow: Flow, alias: str) -> bool:

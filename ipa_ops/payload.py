@@ -18,7 +18,8 @@ from safetensors.torch import save as st_save
 from ipa_ops.generator import AdapterInput, RowRequest
 from ipa_ops.schedules import parse_schedule
 
-_IMAGES = ("init_image", "mask_image")
+_IMAGES = ("init_image", "mask_image", "control_image")
+_OPTIONAL = ("masks", "clip_embeds", "clip_negative")  # AdapterInput tensors that may be None
 
 
 def to_bytes(row: RowRequest) -> bytes:
@@ -32,9 +33,10 @@ def to_bytes(row: RowRequest) -> bytes:
     for i, x in enumerate(row.adapters):
         tensors[f"a{i}.embeds"] = x.embeds.float().contiguous()
         tensors[f"a{i}.negative"] = x.negative.float().contiguous()
-        if x.masks is not None:
-            tensors[f"a{i}.masks"] = x.masks.float().contiguous()
-        adapters.append({"alias": x.alias, "schedule": x.schedule.source})
+        for name in _OPTIONAL:
+            if getattr(x, name) is not None:
+                tensors[f"a{i}.{name}"] = getattr(x, name).float().contiguous()
+        adapters.append({"alias": x.alias, "schedule": x.schedule.source, "shortcut_scale": x.shortcut_scale})
     meta["adapters"] = adapters
     return st_save(tensors, metadata={"row": json.dumps(meta)})
 
@@ -48,7 +50,8 @@ def from_bytes(data: bytes) -> RowRequest:
             embeds=tensors[f"a{i}.embeds"],
             negative=tensors[f"a{i}.negative"],
             schedule=parse_schedule(a["schedule"]),
-            masks=tensors.get(f"a{i}.masks"),
+            shortcut_scale=a.get("shortcut_scale"),
+            **{name: tensors.get(f"a{i}.{name}") for name in _OPTIONAL},
         )
         for i, a in enumerate(meta.pop("adapters"))
     ]

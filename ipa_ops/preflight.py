@@ -8,13 +8,14 @@ model loads: only tensor shapes and config files are read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from ipa_ops import faceid
 from ipa_ops.flow import AdapterSpec, EncoderSpec, Flow, ModelSpec
 from ipa_ops.sources import SourceNotFound, resolve
 
@@ -29,6 +30,7 @@ class AdapterFacts:
     image_dim: int  # pooled projection dim or hidden size it consumes (0 for faceid)
     face_dim: int  # 512 for FaceID checkpoints, else 0
     tokens: int
+    lora: bool = False  # FaceID: the checkpoint carries the LoRA it was trained with (`to_q_lora` ... keys)
 
     @property
     def needs_face(self) -> bool:
@@ -57,17 +59,23 @@ def adapter_facts(path: str | Path) -> AdapterFacts:
     if not ks or not proj:
         raise ValueError(f"{path}: not an IP-Adapter checkpoint (no image_proj / ip_adapter.*.to_k_ip weights)")
     cross = ks[0][1]
+    if any(k.endswith("to_q_lora.down.weight") for k in ip):
+        return replace(_classify(proj, cross, len(ks)), lora=True)
+    return _classify(proj, cross, len(ks))
+
+
+def _classify(proj: dict[str, tuple[int, ...]], cross: int, layers: int) -> AdapterFacts:
     if "proj.weight" in proj:
-        return AdapterFacts("pooled", cross, len(ks), proj["proj.weight"][1], 0, proj["proj.weight"][0] // cross)
+        return AdapterFacts("pooled", cross, layers, proj["proj.weight"][1], 0, proj["proj.weight"][0] // cross)
     if "proj.3.weight" in proj:
-        return AdapterFacts("full_face", cross, len(ks), proj["proj.0.weight"][0], 0, 0)
+        return AdapterFacts("full_face", cross, layers, proj["proj.0.weight"][0], 0, 0)
     if "perceiver_resampler.proj_in.weight" in proj:
         hidden = proj["perceiver_resampler.proj_in.weight"][1]
-        return AdapterFacts("faceid_plus", cross, len(ks), hidden, proj["proj.0.weight"][1], 0)
+        return AdapterFacts("faceid_plus", cross, layers, hidden, proj["proj.0.weight"][1], 0)
     if "norm.weight" in proj:
         tokens = proj["proj.2.weight"][0] // proj["norm.weight"][0]
-        return AdapterFacts("faceid", cross, len(ks), 0, proj["proj.0.weight"][1], tokens)
-    return AdapterFacts("plus", cross, len(ks), proj["proj_in.weight"][1], 0, proj["latents"][1])
+        return AdapterFacts("faceid", cross, layers, 0, proj["proj.0.weight"][1], tokens)
+    return AdapterFacts("plus", cross, layers, proj["proj_in.weight"][1], 0, proj["latents"][1])
 
 
 def unet_facts(model_folder: Path) -> tuple[int, int]:
@@ -94,18 +102,29 @@ def encoder_dims(folder: Path) -> tuple[int, int]:
 
 
 def _encoder_hint(facts: AdapterFacts, weight_name: str) -> str:
+    """Which h94 encoder folder a checkpoint was trained with, from its name (vit-G/SDXL: bigG; vit-h/SD1.5: ViT-H)."""
     name = weight_name.rsplit(".", 1)[0]
-    if "vit-h" in name or (facts.image_dim in (1024, 1280) and "sdxl" not in name) or name.endswith("_sd15"):
-        return f"{name} needs the ViT-H encoder from models/image_encoder, not sdxl_models/image_encoder"
-    if "sdxl" in name:
+    low = name.lower()
+    big_g = "vit-g" in low or ("sdxl" in low and "vit-h" not in low and not facts.needs_face)
+    if big_g:
         return f"{name} needs the ViT-bigG encoder from sdxl_models/image_encoder, not models/image_encoder"
+    if "vit-h" in low or "sd15" in low or facts.needs_face:
+        return f"{name} needs the ViT-H encoder from models/image_encoder, not sdxl_models/image_encoder"
     return f"pair {name} with the encoder it was trained with"
 
 
 def check_adapter(
-    alias: str, spec: AdapterSpec, flow: Flow, model: tuple[str, ModelSpec] | None = None
+    alias: str,
+    spec: AdapterSpec,
+    flow: Flow,
+    model: tuple[str, ModelSpec] | None = None,
+    others: tuple[tuple[str, ModelSpec], ...] = (),
 ) -> tuple[AdapterFacts | None, list[str]]:
-    """All pre-flight problems of one adapter, each one line naming it, the numbers and a fix."""
+    """All pre-flight problems of one adapter, each one line naming it, the numbers and a fix.
+
+    The adapter must fit `model` or one of `others` (a flow may hold SD1.5 and SDXL models, each
+    with its own adapters); a mismatch is reported against `model`.
+    """
     mirror = flow.mirror_root()
     path = f"adapters.{alias}"
     try:
@@ -122,26 +141,61 @@ def check_adapter(
             cross, layers = unet_facts(folder)
         except (SourceNotFound, OSError, KeyError) as exc:
             return facts, [f"models.{m_alias}: {exc}"]
-        if cross != facts.cross_attention_dim or layers != facts.ip_layers:
+        fits_other = any(model_fits(facts, flow, other) for other in others)
+        if (cross != facts.cross_attention_dim or layers != facts.ip_layers) and not fits_other:
             base = "SDXL" if facts.cross_attention_dim > cross else "SD1.5"
             problems.append(
                 f"{path}: {spec.weight_name} is built for cross-attention dim {facts.cross_attention_dim} with "
                 f"{facts.ip_layers} IP layers, but model {m_alias!r} has {cross} with {layers}; "
                 f"use an adapter made for that base model (this one looks like {base})"
             )
-    problems += _check_encoder(alias, spec, facts, flow)
+    problems += _check_encoder(alias, spec, facts, flow) + _check_faces(alias, spec, facts, flow)
     return facts, problems
+
+
+def model_dims(flow: Flow, alias: str) -> tuple[int, int] | None:
+    """(cross-attention dim, IP layers) of a flow model, or None when it does not resolve."""
+    spec = flow.models[alias]
+    try:
+        found = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), what=f"model {alias!r}")
+        return unet_facts(found.folder)
+    except (SourceNotFound, OSError, KeyError):
+        return None
+
+
+def model_fits(facts: AdapterFacts, flow: Flow, model: tuple[str, ModelSpec]) -> bool:
+    """Whether an adapter's checkpoint matches a model's UNet (cross-attention dim and IP layer count)."""
+    return model_dims(flow, model[0]) == (facts.cross_attention_dim, facts.ip_layers)
+
+
+def _check_faces(alias: str, spec: AdapterSpec, facts: AdapterFacts, flow: Flow) -> list[str]:
+    """FaceID-Plus needs a clip encoder for its face crops; a CLIP adapter fed crops needs a face encoder."""
+    path = f"adapters.{alias}"
+    if facts.kind == "faceid_plus":
+        clip = faceid.crop_clip_alias(flow, spec)
+        if clip is None:
+            return [
+                f"{path}: {spec.weight_name} is FaceID-Plus; it also reads CLIP hidden states of the aligned face "
+                f"crop: set clip_encoder to a clip encoder alias with hidden_states: true"
+            ]
+        return _clip_problems(path, spec.weight_name, clip, facts, flow)
+    if not facts.needs_face and spec.crops_faces() and faceid.face_encoder_alias(flow, spec) is None:
+        return [
+            f"{path}: {spec.weight_name} is fed aligned face crops (face_crop) but the flow has no single "
+            f"insightface encoder to find them; add one (or set face_encoder), or set face_crop: false for whole images"
+        ]
+    return []
 
 
 def _check_encoder(alias: str, spec: AdapterSpec, facts: AdapterFacts, flow: Flow) -> list[str]:
     path = f"adapters.{alias}"
     enc: EncoderSpec | None = flow.encoders.get(spec.encoder) if spec.encoder else None
     if facts.needs_face and (enc is None or enc.type != "insightface"):
-        if facts.kind == "faceid" or enc is None:
-            return [
-                f"{path}: {spec.weight_name} is a FaceID checkpoint; it needs face embeddings: set encoder "
-                f"to an insightface encoder alias"
-            ]
+        plus = " (and clip_encoder to the clip one)" if facts.kind != "faceid" else ""
+        return [
+            f"{path}: {spec.weight_name} is a FaceID checkpoint; it needs face embeddings: set encoder "
+            f"to an insightface encoder alias{plus}"
+        ]
     if enc is None:
         if facts.kind != "faceid":
             return [f"{path}: no encoder set; {spec.weight_name} needs a clip encoder (add `encoder: <alias>`)"]
@@ -153,37 +207,49 @@ def _check_encoder(alias: str, spec: AdapterSpec, facts: AdapterFacts, flow: Flo
                 f"is insightface; pair it with a clip encoder"
             ]
         return []
+    return _clip_problems(path, spec.weight_name, spec.encoder or "", facts, flow)
+
+
+def _clip_problems(path: str, weight_name: str, alias: str, facts: AdapterFacts, flow: Flow) -> list[str]:
+    """A clip encoder's width (projection or hidden size) and hidden-states setting against a checkpoint."""
+    enc = flow.encoders[alias]
     try:
-        folder = resolve(enc.source or "", enc.subfolder, None, flow.mirror_root(), what=f"encoder {spec.encoder!r}")
+        folder = resolve(enc.source or "", enc.subfolder, None, flow.mirror_root(), what=f"encoder {alias!r}")
         projection, hidden = encoder_dims(folder.folder)
     except (SourceNotFound, OSError, KeyError) as exc:
-        return [f"encoders.{spec.encoder}: {exc}"]
+        return [f"encoders.{alias}: {exc}"]
     got = hidden if facts.needs_hidden_states else projection
     what = "hidden size" if facts.needs_hidden_states else "projection dim"
     problems = []
     if got != facts.image_dim:
         problems.append(
-            f"{path}: {spec.weight_name} expects image features of dim {facts.image_dim}, but encoder "
-            f"{spec.encoder!r} has {what} {got}; {_encoder_hint(facts, spec.weight_name)}"
+            f"{path}: {weight_name} expects image features of dim {facts.image_dim}, but encoder "
+            f"{alias!r} has {what} {got}; {_encoder_hint(facts, weight_name)}"
         )
     if facts.needs_hidden_states and not enc.hidden_states:
         problems.append(
-            f"{path}: {spec.weight_name} consumes penultimate hidden states; set "
-            f"encoders.{spec.encoder}.hidden_states: true and re-run extract"
+            f"{path}: {weight_name} consumes penultimate hidden states; set "
+            f"encoders.{alias}.hidden_states: true and re-run extract"
         )
     return problems
 
 
+def flow_models(flow: Flow) -> tuple[tuple[str, ModelSpec] | None, tuple[tuple[str, ModelSpec], ...]]:
+    """The generate stage's default model, and the flow's other models (an adapter may fit any of them)."""
+    if flow.stages.generate is None:
+        return None, ()
+    default = flow.stages.generate.model
+    others = tuple((a, m) for a, m in flow.models.items() if a != default)
+    return (default, flow.models[default]), others
+
+
 def check_flow(flow: Flow) -> tuple[dict[str, AdapterFacts], list[str]]:
-    """Pre-flight every adapter against the generate stage's model and its encoder."""
-    model: tuple[str, ModelSpec] | None = None
-    if flow.stages.generate is not None:
-        alias = flow.stages.generate.model
-        model = (alias, flow.models[alias])
+    """Pre-flight every adapter against the flow's models (it must fit one) and its encoder."""
+    model, others = flow_models(flow)
     facts: dict[str, AdapterFacts] = {}
     problems: list[str] = []
     for alias, spec in flow.adapters.items():
-        found, issues = check_adapter(alias, spec, flow, model)
+        found, issues = check_adapter(alias, spec, flow, model, others)
         if found is not None:
             facts[alias] = found
         problems += issues
@@ -205,7 +271,9 @@ def check_models(flow: Flow) -> list[str]:
                 resolve(enc.source or "", enc.subfolder, None, mirror, what=f"encoder {alias!r}")
             except SourceNotFound as exc:
                 problems.append(f"encoders.{alias}.source: {exc}")
-    return problems
+    from ipa_ops.tasks import source_problems  # ControlNets, motion adapters, LoRAs
+
+    return problems + source_problems(flow)
 
 
 def describe(facts: dict[str, AdapterFacts]) -> dict[str, Any]:

@@ -33,3 +33,15 @@ def ray_local() -> Iterator[None]:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module: tiny-zoo models are all per-op overhead, and on a shared
+    machine a second thread that must wait for a core makes each op many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

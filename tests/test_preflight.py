@@ -61,8 +61,9 @@ def test_sdxl_adapter_on_sd15_model(zoo_dir: Path) -> None:
     _, problems = check_flow(flow)
     assert len(problems) == 1
     assert problems[0].startswith("adapters.ad: ip-adapter_sdxl.bin is built for cross-attention dim ")
-    assert "but model 'base' has 32 with 16; use an adapter made for that base model (this one looks like SDXL)" in (
-        problems[0]
+    assert (
+        "but model 'base' has 32 with 16; use an adapter made for that base model (this one looks like SDXL)"
+        in (problems[0])
     )
 
 

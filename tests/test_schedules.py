@@ -23,7 +23,9 @@ def test_window_matches_cutoff_callback_semantics() -> None:
     assert late.tolist() == [0.0] * 5 + [1.0] * 5
 
 
-@pytest.mark.parametrize(("curve", "mid"), [("linear", 0.5), ("ease_in", 0.25), ("ease_out", 0.75), ("ease_in_out", 0.5)])
+@pytest.mark.parametrize(
+    ("curve", "mid"), [("linear", 0.5), ("ease_in", 0.25), ("ease_out", 0.75), ("ease_in_out", 0.5)]
+)
 def test_curves_rise_from_0_to_1(curve: str, mid: float) -> None:
     profile = step_profile(parse_schedule({"curve": curve}), 5)
     assert profile[0] == 0.0 and profile[-1] == 1.0 and math.isclose(profile[2], mid)

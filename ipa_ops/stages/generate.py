@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ipa_ops import payload
+from ipa_ops import faceid, loras, payload, tasks
 from ipa_ops.encoders.ids import encoder_id
 from ipa_ops.flow import Flow, GenerateStage
 from ipa_ops.generator import Generator
@@ -28,11 +28,15 @@ from ipa_ops.images import exists
 from ipa_ops.manifest import check_rows, image_size, read_manifest
 from ipa_ops.outputs import OutputDir, versions
 from ipa_ops.plan import PlanError, RowPlan, plan_row, prepare
-from ipa_ops.preflight import check_adapter
+from ipa_ops.preflight import check_adapter, model_dims
 from ipa_ops.report import build_report
 from ipa_ops.sources import fingerprint, resolve
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.store import EmbeddingStore
+
+
+def _pool(size: int) -> ray.data.ActorPoolStrategy:
+    return ray.data.ActorPoolStrategy(size=size)
 
 
 def _now() -> datetime:
@@ -103,37 +107,34 @@ def _line(exc: BaseException, row_id: str) -> str:
 
 
 class CommitImages:
-    """CPU stage: encode PNGs and write them atomically under images/<row_key>.png."""
+    """CPU stage: encode and write each row's files atomically: images/<row_key>.png, or for a video
+    images/<row_key>.gif and its frames (tasks.write_outputs); `output` is their JSON list."""
 
     def __init__(self, output_uri: str):
         self.out = OutputDir(output_uri)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from PIL import Image
-
-        uris = []
+        written = []
         for text, data, error in zip(batch["plan"], batch["image"], batch["error"], strict=True):
             plan = RowPlan.from_json(str(text))
             if error or not data:
-                uris.append("")
+                written.append("[]")
                 continue
             array = np.load(io.BytesIO(data), allow_pickle=False)
-            buf = io.BytesIO()
-            Image.fromarray(array).save(buf, format="PNG")
-            path = self.out.image_path(plan.row_key)
-            self.out.write_bytes_atomic(path, buf.getvalue())
-            uris.append(path)
-        return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(uris, dtype=object)}
+            written.append(json.dumps(tasks.write_outputs(self.out, plan.row_key, array)))
+        return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(written, dtype=object)}
 
 
-def _result(plan: RowPlan, status: str, error: str = "", output: str = "", extra: dict | None = None) -> dict:
+def _result(
+    plan: RowPlan, status: str, error: str = "", outputs: list[str] | None = None, extra: dict | None = None
+) -> dict:
     extra = extra or {}
     row = {
         "id": plan.id,
         "row_key": plan.row_key,
         "status": status,
         "error": error,
-        "outputs": [output] if output else [],
+        "outputs": list(outputs or []),
         "seed": plan.request["seed"],
         "started_at": extra.get("started_at") or _now().isoformat(),
         "finished_at": _now().isoformat(),
@@ -153,7 +154,7 @@ def _fingerprints(flow: Flow, stage: GenerateStage) -> dict[str, str]:
     for alias, spec in flow.adapters.items():
         file = resolve(spec.source, spec.subfolder, spec.weight_name, mirror, f"adapter {alias!r}").file
         found[f"adapter:{alias}"] = fingerprint(file)
-    return found
+    return {**found, **loras.fingerprints(flow), **tasks.component_fingerprints(flow)}
 
 
 def plan_manifest(flow: Flow, stage: GenerateStage, manifest: str | None = None) -> tuple[list[RowPlan], list[dict]]:
@@ -163,14 +164,16 @@ def plan_manifest(flow: Flow, stage: GenerateStage, manifest: str | None = None)
     usable = usable_keys(store)
     rows, problems = check_rows(df, flow, stage, exists=exists, store_has=usable.__contains__, image_size=image_size)
     model = (stage.model, flow.models[stage.model])
+    others = tuple((a, m) for a, m in flow.models.items() if a != stage.model)  # an adapter may fit any model
     facts, failed = {}, []
     for alias, spec in flow.adapters.items():
-        found, issues = check_adapter(alias, spec, flow, model)
+        found, issues = check_adapter(alias, spec, flow, model, others)
         if found is not None and not issues:
             facts[alias] = found
         failed += issues
     encoder_ids = {a: encoder_id(a, e, flow.mirror_root()) for a, e in flow.encoders.items()}
     prints = _fingerprints(flow, stage)
+    dims, faces = {a: model_dims(flow, a) for a in flow.models}, faceid.FaceLookup(store)
     plans, errors = [], []
     by_row: dict[str, list[str]] = {}
     for problem in problems:  # one error result per row, its problems on one line
@@ -178,7 +181,9 @@ def plan_manifest(flow: Flow, stage: GenerateStage, manifest: str | None = None)
     errors += [{"id": rid, "error": "; ".join(lines)} for rid, lines in by_row.items()]
     for row in rows:
         try:
-            plans.append(plan_row(row, flow, stage, facts, encoder_ids, prints, usable))
+            plans.append(plan_row(row, flow, stage, facts, encoder_ids, prints, usable, dims, faces))
+        except faceid.RowSkipped as exc:  # its no-face fallback says skip: a `skipped` results row
+            errors.append({"id": row.id, "error": _line(exc, row.id), "status": "skipped"})
         except (PlanError, OSError, ValueError) as exc:
             errors.append({"id": row.id, "error": _line(exc, row.id)})
     return plans, errors
@@ -197,7 +202,7 @@ def manifest_problems(flow: Flow, manifest: str) -> list[str]:
     if flow.stages.generate is None:
         return ["stages.generate: the flow has no generate stage to check a manifest against"]
     _, errors = plan_manifest(flow, flow.stages.generate, manifest)
-    return [e["error"] for e in errors]
+    return [e["error"] for e in errors if e.get("status") != "skipped"]
 
 
 def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorActor) -> dict[str, Any]:
@@ -208,10 +213,11 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
     done = out.done_keys()
     todo = [p for p in plans if p.row_key not in done]
     skipped = len(plans) - len(todo)
-    failed_rows = [{"id": e["id"], "row_key": "", "status": "error", "error": e["error"]} for e in bad]
+    failed_rows = [{"id": e["id"], "row_key": "", "status": e.get("status", "error"), "error": e["error"]} for e in bad]
     if failed_rows:
         out.append_results([_bare_error(r) for r in failed_rows])
-    counts = {"ok": 0, "error": len(failed_rows), "skipped": skipped}
+    n_failed = sum(r["status"] == "error" for r in failed_rows)
+    counts = {"ok": 0, "error": n_failed, "skipped": skipped + len(failed_rows) - n_failed}
     seen: set[str] = set()
     todo = [p for p in todo if not (p.row_key in seen or seen.add(p.row_key))]  # duplicates made once
     todo.sort(key=lambda p: json.dumps(p.group_key(), default=str))
@@ -219,20 +225,20 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
         res = stage.resources
         ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=max(1, len(todo) // 4))
         ds = ds.map_batches(
-            PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, concurrency=1, num_cpus=1
+            PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, compute=_pool(1), num_cpus=1
         )
         ds = ds.map_batches(
             actor_cls,
             fn_constructor_args=(flow.model_dump_json(), res.batch_size),
             batch_size=res.batch_size,
-            concurrency=res.actors,
+            compute=_pool(res.actors),
             num_gpus=gpus_per_actor(res.num_gpus),
             num_cpus=res.num_cpus,
             max_restarts=3,
             max_task_retries=3,
         )
         ds = ds.map_batches(
-            CommitImages, fn_constructor_args=(stage.output,), batch_size=res.batch_size, concurrency=1, num_cpus=0.5
+            CommitImages, fn_constructor_args=(stage.output,), batch_size=res.batch_size, compute=_pool(1), num_cpus=0.5
         )
         by_id = {p.row_key: p for p in todo}
         for batch in ds.iter_batches(batch_size=res.batch_size, batch_format="numpy"):
@@ -243,7 +249,7 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
                 extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at")}
                 status = "error" if error else "ok"
                 counts[status] += 1
-                rows.append(_result(plan, status, error, str(batch["output"][i]), extra))
+                rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
             out.append_results(rows)
     elapsed = time.perf_counter() - start
     summary = {

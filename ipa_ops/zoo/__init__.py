@@ -40,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 2  # bump whenever any builder's output changes
+ZOO_VERSION = 4  # bump whenever any builder's output changes
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,36 @@ def _laion(path: Path, sizes: ZooSizes) -> None:
     build_clip_model(path, sizes, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 
 
+def _faceid(path: Path, sizes: ZooSizes) -> None:
+    from .faceid import build_faceid_repo
+
+    build_faceid_repo(path, sizes)
+
+
+def _controlnet_sd15(path: Path, sizes: ZooSizes) -> None:
+    from .controlnet import build_sd15_depth
+
+    build_sd15_depth(path, sizes)
+
+
+def _controlnet_sdxl(path: Path, sizes: ZooSizes) -> None:
+    from .controlnet import build_sdxl_depth
+
+    build_sdxl_depth(path, sizes)
+
+
+def _motion_adapter(path: Path, sizes: ZooSizes) -> None:
+    from .video import build_motion_adapter
+
+    build_motion_adapter(path, sizes)
+
+
+def _lcm_lora(path: Path, sizes: ZooSizes) -> None:
+    from .lora import build_lcm_lora_sd15
+
+    build_lcm_lora_sd15(path, sizes)
+
+
 def _faces(path: Path, sizes: ZooSizes) -> None:
     from .faces import build_face_pack
 
@@ -88,6 +118,11 @@ REPOS: tuple[Repo, ...] = (
     Repo("h94/IP-Adapter", _ip_adapter),
     Repo("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", _laion),
     Repo(PACK_DIR, _faces),
+    Repo("h94/IP-Adapter-FaceID", _faceid),
+    Repo("lllyasviel/control_v11f1p_sd15_depth", _controlnet_sd15),
+    Repo("diffusers/controlnet-depth-sdxl-1.0", _controlnet_sdxl),
+    Repo("guoyww/animatediff-motion-adapter-v1-5-2", _motion_adapter),
+    Repo("latent-consistency/lcm-lora-sdv1-5", _lcm_lora),
 )
 
 
@@ -189,12 +224,15 @@ def zoo_configs(size: Size = "tiny", with_shapes: bool = True) -> dict[str, Any]
     The dry-run path for ``full``: the UNets needed for the adapter key layout are built on the
     meta device, so this is cheap even at real sizes.
     """
-    from . import clip, sd
+    from . import clip, controlnet, sd, video
 
     sizes = get_sizes(size)
-    out: dict[str, Any] = {**sd.configs(sizes), **clip.configs(sizes)}
+    out: dict[str, Any] = {**sd.configs(sizes), **clip.configs(sizes), **controlnet.configs(sizes)}
+    out["motion_adapter"] = video.motion_adapter_config(sizes)
     if with_shapes:
+        from . import faceid
         from .ip_adapters import shapes
 
         out["ip_adapters"] = shapes(sizes)
+        out["faceid"] = faceid.shapes(sizes)
     return out

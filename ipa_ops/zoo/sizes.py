@@ -102,6 +102,18 @@ class ZooSizes:
     sdxl_text_2: TextSizes  # text_encoder_2 (OpenCLIP bigG, with projection)
     plus_sd15: ResamplerSizes
     plus_sdxl: ResamplerSizes
+    # h94/IP-Adapter-FaceID: ID embedding width (InsightFace ArcFace: 512), the LoRA rank baked into
+    # the FaceID checkpoints, and the face-perceiver resampler of FaceID-Plus (width = its embed dims)
+    face_id_dim: int = 512
+    faceid_lora_rank: int = 128
+    faceid_plus: ResamplerSizes = ResamplerSizes(hidden_dims=768, heads=12, num_queries=4)
+    # ControlNet conditioning embedding (one stride-2 conv per step: 4 entries = the VAE's 8x),
+    # AnimateDiff motion modules (guoyww v1-5-2) and the LCM-LoRA rank (latent-consistency, SD1.5)
+    controlnet_cond_channels: tuple[int, ...] = (16, 32, 96, 256)
+    motion_heads: int = 8
+    motion_norm_groups: int = 32
+    motion_max_seq_length: int = 32
+    lcm_lora_rank: int = 64
 
     @property
     def ip_tokens(self) -> dict[str, int]:
@@ -179,6 +191,12 @@ TINY = ZooSizes(
     sdxl_text_2=TextSizes(32, 64, 2, 2, projection_dim=32, hidden_act="gelu"),
     plus_sd15=ResamplerSizes(hidden_dims=32, heads=1),
     plus_sdxl=ResamplerSizes(hidden_dims=48, heads=1),
+    faceid_lora_rank=4,
+    faceid_plus=ResamplerSizes(hidden_dims=32, heads=1, num_queries=4),
+    controlnet_cond_channels=(4, 8, 8, 16),
+    motion_heads=2,
+    motion_norm_groups=8,
+    lcm_lora_rank=4,
 )
 
 # SMALL: the tiny zoo with a wider SD1.5 UNet and text encoder, so UNet compute dominates a CPU
