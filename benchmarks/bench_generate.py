@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three ways")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes of all three ways first")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--zoo", default=os.environ.get("IPA_BENCH_ZOO", str(Path.home() / ".cache" / "ipa")))
@@ -253,9 +254,10 @@ def main() -> None:
     flow = _flow(zoo)
     one = Generator(flow, device=args.device, batch_size=1)
     mixed = Generator(flow, device=args.device, batch_size=args.batch)
-    for gen in (one, mixed):  # load and warm up outside the timed runs
-        run_ipa(gen, rows[:1])
-    run_plain(pipe, rows[:1])
+    for _ in range(args.warmup):  # untimed full passes: first calls of each row type cost far more
+        run_plain(pipe, rows)
+        run_ipa(one, rows)
+        run_ipa(mixed, rows)
     ways = {
         "(a) diffusers loop": lambda: run_plain(pipe, rows),
         "(b) ipa batch 1": lambda: run_ipa(one, rows),
