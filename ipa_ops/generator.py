@@ -75,6 +75,7 @@ class RowRequest:
             self.steps,
             self.scheduler,
             float(self.guidance_scale),
+            bool(self.negative_prompt),
             strength,
             per_call,
         )
@@ -244,7 +245,9 @@ class Generator:
         do_cfg = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         kwargs: dict[str, Any] = dict(
             prompt=[r.prompt for r in rows],
-            negative_prompt=[r.negative_prompt for r in rows] if do_cfg else None,
+            # no negative prompt means diffusers' default (None): SDXL then uses zero embeddings
+            # rather than encoding "", so a row without one must not share a call with rows with one
+            negative_prompt=[r.negative_prompt for r in rows] if do_cfg and first.negative_prompt else None,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],

@@ -105,7 +105,7 @@ def _documented(pipe: object, row: RowRequest, emb: torch.Tensor, scale: float) 
     pipe.set_ip_adapter_scale(scale)  # type: ignore[attr-defined]
     return pipe(  # type: ignore[operator]
         prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
+        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
         image=row.control_image,
         ip_adapter_image_embeds=[emb],
         controlnet_conditioning_scale=row.controlnet_scale,

@@ -139,7 +139,7 @@ def _call(pipe: Any, row: RowRequest, embeds: list[torch.Tensor] | None) -> np.n
     kwargs = {"ip_adapter_image_embeds": embeds} if embeds is not None else {}
     return pipe(
         prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
+        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
         num_inference_steps=row.steps,
         guidance_scale=row.guidance_scale,
         height=row.height,

@@ -89,7 +89,7 @@ def _guide(zoo: Path, weight: str, row: RowRequest, image: Image.Image | None) -
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
+        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
         **({"ip_adapter_image": image} if image is not None else {}),
         num_inference_steps=row.steps,
         guidance_scale=row.guidance_scale,

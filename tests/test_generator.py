@@ -103,7 +103,7 @@ def _row(rid: str, seed: int, adapters: list[AdapterInput], **kw: object) -> Row
 def _diffusers(pipe: object, row: RowRequest, embeds: list[torch.Tensor], **kw: object) -> np.ndarray:
     out = pipe(  # type: ignore[operator]
         prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
+        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
         num_inference_steps=row.steps,
         guidance_scale=row.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(row.seed),

@@ -112,7 +112,7 @@ def _guide_call(pipe: Any, row: RowRequest, images: list[Any], **kwargs: Any) ->
         kwargs.update(height=row.height, width=row.width)
     return pipe(
         prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
+        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
         ip_adapter_image=images,
         num_inference_steps=row.steps,
         guidance_scale=row.guidance_scale,
