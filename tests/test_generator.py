@@ -260,3 +260,13 @@ def test_compiled_unet_follows_a_changed_schedule(zoo_dir: Path, ref_style: Stab
     assert np.abs(a - b).max() > 1e-3  # the new schedule changed the image after compilation ...
     assert np.abs(b - _ours(eager, changed)).max() < 2e-3  # ... to what the eager UNet makes of it
     assert np.abs(a - _ours(eager, first)).max() < 2e-3
+
+
+def test_generator_core_imports_without_ray() -> None:
+    """The core must run on a GPU machine where Ray is not installed (benchmarks run it there)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['ray'] = None; import ipa_ops.generator, ipa_ops.plan, ipa_ops.zoo"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-500:]
