@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .common import save_torch, torch_dtype
-from .ip_adapters import _Init, _unet_config
+from .ip_adapters import _Init, _unet_config, block_width
 from .sd import unet_from_config
 from .sizes import ZooSizes
 
@@ -50,12 +50,7 @@ def attention_slots(unet_config: dict[str, Any]) -> list[AttnSlot]:
     blocks = list(unet_config["block_out_channels"])
     slots: list[AttnSlot] = []
     for key_id, name in enumerate(unet.attn_processors):
-        if name.startswith("mid_block"):
-            hidden = blocks[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(blocks))[int(name[len("up_blocks.")])]
-        else:
-            hidden = blocks[int(name[len("down_blocks.")])]
+        hidden = block_width(name, blocks)
         cross = not name.endswith("attn1.processor")
         slots.append(AttnSlot(key_id, hidden, unet_config["cross_attention_dim"] if cross else hidden, cross))
     return slots

@@ -35,6 +35,15 @@ class CrossAttnSlot:
     cross_attention_dim: int
 
 
+def block_width(name: str, blocks: list[int]) -> int:
+    """Channel width of the UNet block an attention processor (by diffusers name) sits in."""
+    if name.startswith("mid_block"):
+        return blocks[-1]
+    if name.startswith("up_blocks"):
+        return list(reversed(blocks))[int(name[len("up_blocks.")])]
+    return blocks[int(name[len("down_blocks.")])]
+
+
 def cross_attention_slots(unet_config: dict[str, Any]) -> list[CrossAttnSlot]:
     """Cross-attention processors in checkpoint order, as diffusers numbers them."""
     unet = unet_from_config(unet_config, meta=True)
@@ -44,12 +53,7 @@ def cross_attention_slots(unet_config: dict[str, Any]) -> list[CrossAttnSlot]:
     for name in unet.attn_processors:
         if name.endswith("attn1.processor") or "motion_modules" in name:
             continue
-        if name.startswith("mid_block"):
-            hidden = blocks[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(blocks))[int(name[len("up_blocks.")])]
-        else:
-            hidden = blocks[int(name[len("down_blocks.")])]
+        hidden = block_width(name, blocks)
         slots.append(CrossAttnSlot(name, key_id, hidden, unet_config["cross_attention_dim"]))
         key_id += 2
     return slots
