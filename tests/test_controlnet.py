@@ -19,6 +19,7 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
 )
 from PIL import Image
+from reference import diffusers_call
 
 from ipa_ops.flow import Flow, load_flow
 from ipa_ops.generator import AdapterInput, Generator, RowRequest
@@ -103,19 +104,15 @@ def _row(rid: str, model: str, alias: str, emb: torch.Tensor, scale: float, seed
 
 def _documented(pipe: object, row: RowRequest, emb: torch.Tensor, scale: float) -> np.ndarray:
     pipe.set_ip_adapter_scale(scale)  # type: ignore[attr-defined]
-    return pipe(  # type: ignore[operator]
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
+    return diffusers_call(
+        pipe,
+        row,
         image=row.control_image,
         ip_adapter_image_embeds=[emb],
         controlnet_conditioning_scale=row.controlnet_scale,
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
         height=row.height,
         width=row.width,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-        output_type="np",
-    ).images[0]
+    )
 
 
 def test_sd15_controlnet_rows_match_diffusers_in_one_batch(generator: Generator, zoo_dir: Path) -> None:

@@ -11,7 +11,6 @@ the diffusers FaceID recipe: `load_ip_adapter("h94/IP-Adapter-FaceID", subfolder
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
 from faces_ws import FACEID, LAION, SD15, SDXL
 from PIL import Image
+from reference import diffusers_call
 from transformers import CLIPVisionModelWithProjection
 
 from ipa_ops.generator import Generator, RowRequest
@@ -46,13 +46,7 @@ for _plus in ("plus", "plusv2"):
 ADAPTERS["plusv2"]["shortcut_scale"] = 0.9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are all per-op overhead: on a shared CPU one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
 
 
 def _entry(adapter: str, images: list[str], scale: float, **extra: Any) -> list[dict[str, Any]]:
@@ -137,17 +131,7 @@ def _pipe(zoo: Path, model: str, weight: str, clip: bool = False) -> Any:
 
 def _call(pipe: Any, row: RowRequest, embeds: list[torch.Tensor] | None) -> np.ndarray:
     kwargs = {"ip_adapter_image_embeds": embeds} if embeds is not None else {}
-    return pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        height=row.height,
-        width=row.width,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-        output_type="np",
-        **kwargs,
-    ).images[0]
+    return diffusers_call(pipe, row, height=row.height, width=row.width, **kwargs)
 
 
 def test_zoo_faceid_checkpoints_carry_their_lora(zoo_dir: Path) -> None:

@@ -10,17 +10,16 @@ image instead. Also here: the example flows validate against the tiny zoo.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import faces_ws
 import numpy as np
 import pytest
-import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from faces_ws import H94, SD15
 from PIL import Image
+from reference import diffusers_call
 
 from ipa_ops.cli import main
 from ipa_ops.flow import parse_flow
@@ -38,13 +37,7 @@ ADAPTERS["whole"] = {**ADAPTERS["plus-face"], "face_crop": False}
 ADAPTERS["optional"] = {**ADAPTERS["full-face"], "fallback": "drop_adapter"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are all per-op overhead: on a shared CPU one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +80,8 @@ def _guide(zoo: Path, weight: str, row: RowRequest, image: Image.Image | None) -
         pipe.load_ip_adapter(str(zoo / H94), subfolder="models", weight_name=weight)
         pipe.set_ip_adapter_scale(0.5)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
-        **({"ip_adapter_image": image} if image is not None else {}),
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        height=row.height,
-        width=row.width,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-        output_type="np",
-    ).images[0]
+    kwargs = {"ip_adapter_image": image} if image is not None else {}
+    return diffusers_call(pipe, row, height=row.height, width=row.width, **kwargs)
 
 
 def _crop(ws: dict[str, Any]) -> Image.Image:

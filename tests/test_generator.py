@@ -19,6 +19,7 @@ from diffusers import (
 )
 from diffusers.callbacks import IPAdapterScaleCutoffCallback
 from PIL import Image
+from reference import diffusers_call
 
 from ipa_ops.conditioning import preprocess_masks
 from ipa_ops.flow import Flow
@@ -101,17 +102,7 @@ def _row(rid: str, seed: int, adapters: list[AdapterInput], **kw: object) -> Row
 
 
 def _diffusers(pipe: object, row: RowRequest, embeds: list[torch.Tensor], **kw: object) -> np.ndarray:
-    out = pipe(  # type: ignore[operator]
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-        ip_adapter_image_embeds=embeds,
-        output_type="np",
-        **kw,
-    )
-    return out.images[0]
+    return diffusers_call(pipe, row, ip_adapter_image_embeds=embeds, **kw)
 
 
 def _ours(generator: Generator, row: RowRequest) -> np.ndarray:

@@ -9,14 +9,12 @@ have: here both sides inpaint with the base model (`AutoPipelineForInpainting.fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import faces_ws
 import numpy as np
 import pytest
-import torch
 from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
@@ -26,6 +24,7 @@ from diffusers import (
 )
 from faces_ws import H94, SD15, SDXL
 from PIL import Image
+from reference import diffusers_call
 from transformers import CLIPVisionModelWithProjection
 
 from ipa_ops.flow import Flow
@@ -50,13 +49,7 @@ ADAPTERS: dict[str, Any] = {
 ADAPTERS["sdxl"]["encoder"] = "bigg"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are all per-op overhead: on a shared CPU one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
 
 
 def _row(rid: str, adapters: list[tuple[str, list[str], float]], model: str = "sdxl", **extra: Any) -> dict[str, Any]:
@@ -110,16 +103,7 @@ def _guide_pipe(zoo: Path, weights: list[str]) -> Any:
 def _guide_call(pipe: Any, row: RowRequest, images: list[Any], **kwargs: Any) -> np.ndarray:
     if row.task == "text2img" or row.task == "inpaint":
         kwargs.update(height=row.height, width=row.width)
-    return pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,  # an empty column is the default call
-        ip_adapter_image=images,
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-        output_type="np",
-        **kwargs,
-    ).images[0]
+    return diffusers_call(pipe, row, ip_adapter_image=images, **kwargs)
 
 
 def _ours(generator: Generator, row: RowRequest) -> np.ndarray:
