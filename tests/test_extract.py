@@ -29,7 +29,7 @@ def _flow(zoo: Path, root: Path, images: list[str], max_pixels: int = 40_000) ->
         "encoders": {"vit-h": ENCODER, "faces": FACES},
         "stages": {"extract": {
             "images": images, "encoders": ["vit-h", "faces"], "store": str(root / "store"), "max_pixels": max_pixels,
-            "resources": {"actors": 1, "num_cpus": 0.5, "batch_size": 8},
+            "resources": {"actors": 1, "num_cpus": 0.5, "batch_size": 4, "calls_per_actor": 2},  # threaded actors
         }},
     })  # fmt: skip
 
@@ -204,6 +204,40 @@ def test_encoder_id_without_loading_and_what_changes_it(zoo_dir: Path, tmp_path:
     face = EncoderSpec(type="insightface", pack="buffalo_l")
     ids = {encoder_id("faces", f, str(zoo_dir)) for f in (face, face.model_copy(update={"det_size": 512}))}
     assert len(ids) == 2
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,  # no preprocessor_config.json: the processor diffusers builds from the vision config's image_size
+        {"size": 48, "crop_size": 40, "resample": 2, "image_mean": [0.5, 0.5, 0.5]},
+        {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": False},
+    ],
+)
+def test_preprocessing_read_from_json_matches_the_processor(zoo_dir: Path, tmp_path: Path, config: Any) -> None:
+    import json
+
+    from ipa_ops.encoders.ids import clip_processor, preprocessing, processor_settings
+
+    shutil.copy(zoo_dir / "h94/IP-Adapter/models/image_encoder/config.json", tmp_path)
+    if config is not None:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    read = preprocessing(tmp_path, "center")
+    assert read.pop("crop_mode") == "center"
+    assert read == processor_settings(clip_processor(tmp_path))
+
+
+def test_encoder_ids_do_not_import_transformers(zoo_dir: Path) -> None:
+    """The driver derives ids before anything is encoded; transformers would add seconds to every run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ipa_ops.encoders.ids import encoder_id; from ipa_ops.flow import EncoderSpec; "
+        f"encoder_id('vit-h', EncoderSpec(**{ENCODER!r}), {str(zoo_dir)!r}); "
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_crop_modes_change_pixels_not_square_images(zoo_dir: Path) -> None:

@@ -21,6 +21,20 @@ ALGORITHM = "ipa-extract-1"  # bump when the way embeddings are computed changes
 FACE_CROP_SIZE = 224  # insightface norm_crop size used by IP-Adapter FaceID-Plus / plus-face
 MIN_DET_SIZE = 320
 DET_STEP = 64
+# CLIPImageProcessor's defaults for the settings below (OpenAI CLIP: 224 px, bicubic, its mean and std)
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True,
+}
 # the CLIPImageProcessor settings that change pixels; the backend class (PIL / torchvision) is left out
 _PREPROCESS_KEYS = (
     "do_resize",
@@ -62,10 +76,45 @@ def clip_image_size(folder: Path) -> int:
     return int(config.get("vision_config", config).get("image_size", 224))
 
 
-def preprocessing(processor: Any, crop: str) -> dict[str, Any]:
-    """The settings that decide the pixels the encoder sees."""
-    settings = {k: getattr(processor, k, None) for k in _PREPROCESS_KEYS}
-    return {**json.loads(json.dumps(settings, default=str)), "crop_mode": crop}
+def preprocessing(folder: Path, crop: str) -> dict[str, Any]:
+    """The settings that decide the pixels the encoder sees, read from JSON without importing transformers.
+
+    `ipa run` computes encoder ids on the driver before anything is encoded; importing transformers
+    there would cost seconds of start-up. `processor_settings` reads the same values off a live
+    processor, and a test holds the two equal, so a transformers upgrade that changes a default
+    fails that test instead of silently mixing embeddings under one id.
+    """
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        try:
+            given = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"clip encoder {folder}: cannot read preprocessor_config.json ({exc})") from None
+    else:  # diffusers' load_ip_adapter builds CLIPImageProcessor(size=image_size, crop_size=image_size)
+        size = clip_image_size(folder)
+        given = {"size": size, "crop_size": size}
+    settings = {k: given.get(k, _CLIP_DEFAULTS[k]) for k in _PREPROCESS_KEYS}
+    settings["size"] = _size(settings["size"], square=False)
+    settings["crop_size"] = _size(settings["crop_size"], square=True)
+    return {**settings, "crop_mode": crop}
+
+
+def processor_settings(processor: Any) -> dict[str, Any]:
+    """The `_PREPROCESS_KEYS` of a live CLIPImageProcessor, in `preprocessing`'s form."""
+    settings: dict[str, Any] = {}
+    for key in _PREPROCESS_KEYS:
+        value = getattr(processor, key, None)
+        if hasattr(value, "__dataclass_fields__"):  # transformers' SizeDict
+            value = {f: getattr(value, f) for f in value.__dataclass_fields__ if getattr(value, f) is not None}
+        settings[key] = value
+    return json.loads(json.dumps(settings, default=int))  # enums (resample) as their values
+
+
+def _size(value: Any, square: bool) -> dict[str, int]:
+    """transformers' reading of a size: an int is the shortest edge (size) or a square (crop_size)."""
+    if isinstance(value, dict):
+        return {k: int(v) for k, v in value.items() if v is not None}
+    return {"height": int(value), "width": int(value)} if square else {"shortest_edge": int(value)}
 
 
 def face_pack_dir(spec: EncoderSpec, mirror: str | None) -> Path:
@@ -102,7 +151,7 @@ def encoder_id(alias: str, spec: EncoderSpec, mirror: str | None) -> str:
         folder = clip_folder(spec, mirror)
         facts: dict[str, Any] = {
             "weights": fingerprint(folder),
-            "preprocess": preprocessing(clip_processor(folder), spec.crop),
+            "preprocess": preprocessing(folder, spec.crop),
             "hidden_states": spec.hidden_states,
         }
     else:
