@@ -162,6 +162,17 @@ class Resources(Strict):
     batch_size: int = Field(8, ge=1, description="Rows per actor batch.")
 
 
+class ExtractResources(Resources):
+    calls_per_actor: int | None = Field(
+        None,
+        ge=1,
+        description="Batches one encoder actor works on at once, in threads (image preprocessing and torch release "
+        "the GIL). Default: the actor's CPUs, rounded down, at least 1. InsightFace encoders analyse one image at "
+        "a time whatever this says. On a CPU-only machine one actor holding every core, with one call per core, "
+        "starts once and beats one single-threaded actor per core.",
+    )
+
+
 class ExtractStage(Strict):
     images: str | list[str] = Field(
         description="Reference images: a directory, a glob, a list of URIs, or a Parquet/CSV with a `uri` column."
@@ -171,7 +182,7 @@ class ExtractStage(Strict):
     max_pixels: int = Field(
         64_000_000, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard)."
     )
-    resources: Resources = Field(default_factory=lambda: Resources(batch_size=32))
+    resources: ExtractResources = Field(default_factory=lambda: ExtractResources(batch_size=32))
 
 
 class GenerateDefaults(Strict):

@@ -4,8 +4,10 @@
     ─► CLIP encoder pools (also fed the aligned face crops) ─► driver: rows -> store parts
 
 With GPU pools, decoding runs in CPU tasks on the CPUs the pools leave free. With CPU pools the
-decode step gets the pools' resources, so Ray Data fuses it into the first pool's actors: on a
-CPU-only machine every core then decodes and encodes, and no decoded pixels cross processes.
+decode step gets the pools' resources, so Ray Data fuses it into the first pool's actors and no
+decoded pixels cross processes. Each actor works on `calls_per_actor` batches at once, in threads:
+on a CPU-only machine one actor holding every core decodes and encodes on all of them and pays
+the start-up (a process, torch, transformers, the weights) once instead of once per core.
 
 Each row travelling through the pipeline is one (image, encoder) job. A shared `Claims` actor
 knows every key already in the store and hands each new key to exactly one task, so an image
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -104,10 +107,15 @@ def decode_batch(batch: pa.Table, claims: Any, encoders: dict[str, str], max_pix
         except ImageError as exc:
             jobs += [_job(uri, sha, alias, "error", error=str(exc)) for alias in todo]
             continue
-        pixels = np.asarray(image, dtype=np.uint8).tobytes()
+        pixels = image.tobytes()  # decode_image returns 8-bit RGB: the same bytes as the array, one copy
         fields = {"notes": "; ".join(notes), "width": image.width, "height": image.height, "pixels": pixels}
         jobs += [_job(uri, sha, alias, "todo", **fields) for alias in todo]
     return _table(jobs)
+
+
+def _buffers(batch: pa.Table) -> list[Any]:
+    """The `pixels` of every row as zero-copy pyarrow buffers (Image.frombuffer and _table accept them)."""
+    return [value.as_buffer() if value.is_valid else b"" for value in batch.column("pixels")]
 
 
 def _image(job: dict[str, Any]) -> Image.Image:
@@ -122,42 +130,61 @@ def _row(job: dict[str, Any], enc_id: str, kind: str, **fields: Any) -> dict[str
 
 
 class EncodeActor:
-    """One encoder's actor: encodes its `todo` jobs, passes every other job through unchanged."""
+    """One encoder's actor: encodes its `todo` jobs, passes every other job through unchanged.
+
+    Ray Data may call it from several threads at once (`calls_per_actor`): loading the model and
+    emitting the unconditional row happen once under a lock, and InsightFace (whose detector input
+    size changes between retries) analyses one image at a time.
+    """
 
     def __init__(self, alias: str, spec_json: str, mirror: str | None, enc_id: str, gpu: bool, emit_uncond: bool,
-                 claims: Any = None, crop_encoders: dict[str, str] | None = None):  # fmt: skip
+                 claims: Any = None, crop_encoders: dict[str, str] | None = None, torch_threads: int = 0):  # fmt: skip
         self.alias, self.enc_id, self.spec = alias, enc_id, EncoderSpec.model_validate_json(spec_json)
         self.emit_uncond, self.claims, self.crop_encoders = emit_uncond, claims, crop_encoders or {}
-        self.mirror, self.gpu = mirror, gpu
+        self.mirror, self.gpu, self.torch_threads = mirror, gpu, torch_threads
         self._encoder: Any = None
+        self._lock = threading.RLock()
 
     @property
     def encoder(self) -> Any:
         """The model, loaded on first use: a re-run where everything is stored loads nothing."""
-        if self._encoder is None:
-            if self.spec.type == "clip":
-                from ipa_ops.encoders.clip import ClipEncoder
+        with self._lock:
+            return self._encoder or self._load()
 
-                folder = clip_folder(self.spec, self.mirror)
-                self._encoder = ClipEncoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
-            else:
-                from ipa_ops.encoders.face import FaceEncoder
+    def _load(self) -> Any:
+        if self.torch_threads:  # calls run side by side: each gets its share of the cores, not all of them
+            import torch
 
-                pack = face_pack_dir(self.spec, self.mirror)
-                self._encoder = FaceEncoder(pack, self.spec.det_size, self.spec.face, gpu=self.gpu)
+            torch.set_num_threads(self.torch_threads)
+        if self.spec.type == "clip":
+            from ipa_ops.encoders.clip import ClipEncoder
+
+            folder = clip_folder(self.spec, self.mirror)
+            self._encoder = ClipEncoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
+        else:
+            from ipa_ops.encoders.face import FaceEncoder
+
+            pack = face_pack_dir(self.spec, self.mirror)
+            self._encoder = FaceEncoder(pack, self.spec.det_size, self.spec.face, gpu=self.gpu)
         return self._encoder
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        jobs = batch.to_pylist()
+        jobs = batch.drop_columns(["pixels"]).to_pylist()
+        for job, pixels in zip(jobs, _buffers(batch), strict=True):
+            job["pixels"] = pixels  # zero-copy views into the Arrow block, not Python bytes
         mine = [j for j in jobs if j["state"] == "todo" and j["encoder"] == self.alias]
-        extra = [self._uncond()] if self.emit_uncond else []
-        self.emit_uncond = False
+        with self._lock:
+            extra = [self._uncond()] if self.emit_uncond else []
+            self.emit_uncond = False
         if mine and self.spec.type == "clip":
             self._encode_clip(mine)
         elif mine:
-            extra += self._encode_faces(mine)
+            with self._lock:
+                extra += self._encode_faces(mine)
         for job in mine:
             job["state"], job["pixels"] = "done", b""
+        for job in jobs:  # other encoders' images travel on as bytes
+            job["pixels"] = job["pixels"].to_pybytes() if isinstance(job["pixels"], pa.Buffer) else job["pixels"]
         return _table(jobs + extra)
 
     def _uncond(self) -> dict[str, Any]:
@@ -357,6 +384,7 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
         fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
         **decode,
     )
+    calls = res.calls_per_actor or max(1, int(res.num_cpus))
     for alias in sorted(ids, key=lambda a: kinds[a] != "face"):  # faces first: their crops feed CLIP pools
         spec = flow.encoders[alias]
         ds = ds.map_batches(
@@ -370,8 +398,11 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
                 "emit_uncond": f"uncond/{ids[alias]}" not in unconds,
                 "claims": claims,
                 "crop_encoders": clips if kinds[alias] == "face" else None,
+                "torch_threads": max(1, int(res.num_cpus) // calls) if calls > 1 else 0,
             },  # fmt: skip
-            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            compute=ray.data.ActorPoolStrategy(
+                size=res.actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1
+            ),
             batch_size=res.batch_size,
             batch_format="pyarrow",
             num_cpus=res.num_cpus,
