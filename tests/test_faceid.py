@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
-from faces_ws import FACEID, LAION, SD15, SDXL
+from faces_ws import FACEID, LAION, REPO, SD15, SDXL
 from PIL import Image
 from reference import diffusers_call
 from transformers import CLIPVisionModelWithProjection
@@ -289,3 +289,35 @@ def test_stage_runs_faceid_rows_end_to_end(ws: dict[str, Any]) -> None:
     assert json.loads(results.loc["drop", "provenance"])["dropped_adapters"]["faceid"].endswith("320)")
     files = [out.resolve(str(p)) for rid in ("fid", "v2-b", "drop") for p in results.loc[rid, "outputs"]]
     assert len(files) == 3 and all(Path(f).is_file() for f in files)
+
+
+def test_faceid_plus_mixed_batch_equals_rows_alone(ws: dict[str, Any], zoo_dir: Path) -> None:
+    """Eight FaceID-Plus v2 rows in one call: other faces, shortcut scales, schedules, a second (CLIP) adapter,
+    masks. Rows share a call only with rows that need the same FaceID LoRA, so all eight use `plusv2`."""
+    masks = [str(REPO / "data" / "masks" / f"{side}.png") for side in ("left", "right")]
+    faces, refs = ws["faces"], ws["shared"].refs
+    style = {"source": "h94/IP-Adapter", "subfolder": "models", "weight_name": "ip-adapter_sd15.bin"}
+    style["encoder"] = "vit-h"
+    plus = [
+        _entry("plusv2", faces[:1], 0.7),
+        _entry("plusv2", faces[1:2], 0.5, face={"shortcut_scale": 0.6}),
+        _entry("plusv2", faces[2:3], {"preset": "style"}),
+        _entry("plusv2", faces[:1], 0.6) + _entry("style", refs[:1], 0.4),
+        _entry("plusv2", faces[1:2], {"value": 0.8, "end": 0.5}),
+        _entry("plusv2", faces[2:3], 0.7) + _entry("style", refs[1:3], 0.6, masks=masks),
+        _entry("plusv2", faces[:1], {"steps": [1.0, 0.5, 0.2]}, face={"shortcut_scale": 1.2}),
+        _entry("plusv2", faces[1:2], 0.8) + _entry("style", refs[3:4], {"curve": "ease_out", "from": 1.0, "to": 0.2}),
+    ]
+    rows = [{"id": f"mx{i}", "model": "sd15", "prompt": f"a portrait {i}", "seed": 30 + i, "adapters": a}
+            for i, a in enumerate(plus)]  # fmt: skip
+    flow = ws["shared"].flow({**ADAPTERS, "style": style}, rows, "faceid-mixed")
+    plans, errors = ws["shared"].plan(flow)
+    assert errors == {}
+    requests = [prepare(plans[r["id"]], ws["store"]) for r in rows]
+    generator = Generator(flow, device="cpu", batch_size=8)
+    outs = generator.generate(requests)
+    assert generator.stats == {"calls": 1, "batch_failures": 0}  # one pipeline call for all eight
+    for request, out in zip(requests, outs, strict=True):
+        assert out.error == "" and out.image is not None, out.error
+        assert np.abs(out.image - _ours(generator, request)).max() < 2e-3, out.id
+    assert min(np.abs(outs[0].image - o.image).max() for o in outs[1:]) > 1e-2  # type: ignore[operator]
