@@ -12,7 +12,8 @@ For a sample with no masks the adapter's images are attended jointly (one softma
 their tokens, diffusers' concat behaviour); with masks each image is attended separately and
 weighted by its downsampled mask, as diffusers does when `ip_adapter_masks` is given.
 The IP keys and values depend only on the IP tokens, so they are computed at the first step of
-a pipeline call and reused for every later step (`cache_kv`).
+a pipeline call and reused for every later step (`cache_kv`), and the unconditional half, whose
+tokens are the same for every row of an adapter, is projected once rather than once per row.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class IPBatchState:
     resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called lazily
     num_steps: Any = None  # callable() -> int, the pipeline's actual loop length
     _kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _distinct: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
 
     def scales(self, adapter: int, layer: int, batch: int) -> torch.Tensor:
         """[batch] scales for this adapter and layer at the current step (CFG halves repeated)."""
@@ -55,6 +57,17 @@ class IPBatchState:
         """Move to the step after `step_index` (clamped to the last scheduled step)."""
         last = self.step_scales.shape[-1] - 1 if self.step_scales is not None else step_index + 1
         self.step_index.fill_(min(step_index + 1, last))
+
+    def distinct(self, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows to project, index that expands them back) when every negative row of a CFG batch is the
+        same; None otherwise. Decided once per call and adapter: every layer sees the same tokens."""
+        if adapter not in self._distinct:
+            rows = self.layer_scales.shape[0]
+            same = tokens.shape[0] == 2 * rows and all(torch.equal(tokens[0], tokens[i]) for i in range(1, rows))
+            keep = torch.tensor([0, *range(rows, 2 * rows)], device=tokens.device)
+            back = torch.tensor([0] * rows + list(range(1, rows + 1)), device=tokens.device)
+            self._distinct[adapter] = (keep, back) if same and rows > 1 else None
+        return self._distinct[adapter]
 
     def rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
         """Repeat a per-row tensor over the CFG halves of a UNet batch."""
@@ -145,7 +158,14 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         assert state is not None
         if state.cache_kv and (adapter, id(self)) in state._kv:
             return state._kv[(adapter, id(self))]
-        kv = self.to_k_ip[adapter](tokens), self.to_v_ip[adapter](tokens)
+        distinct = state.distinct(adapter, tokens) if state.cache_kv else None
+        if distinct is None:
+            kv = self.to_k_ip[adapter](tokens), self.to_v_ip[adapter](tokens)
+        else:  # the shared negative once, then every row's own tokens; expanded back to the full batch
+            keep, back = distinct
+            unique = tokens.index_select(0, keep)
+            key, value = (proj[adapter](unique).index_select(0, back) for proj in (self.to_k_ip, self.to_v_ip))
+            kv = key, value
         if state.cache_kv:
             state._kv[(adapter, id(self))] = kv
         return kv

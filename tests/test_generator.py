@@ -239,6 +239,26 @@ def test_kv_cache_equals_uncached(zoo_dir: Path, ref_style: StableDiffusionPipel
         assert np.abs(a.image - b.image).max() < 1e-5  # type: ignore[operator]
 
 
+def test_ip_projections_run_once_per_row_and_call(generator: Generator, ref_style: StableDiffusionPipeline) -> None:
+    """to_k_ip / to_v_ip see each row's tokens once per call, and the shared negative once, not per step or row."""
+    from ipa_ops.attention import BatchedIPAttnProcessor
+
+    emb = [_embeds(ref_style, [[im]])[0] for im in _refs(3)]
+    rows = [_row(f"p{i}", 40 + i, [_input("style", e, 0.5 + 0.1 * i)]) for i, e in enumerate(emb)]
+    unet = generator.load("sd15").pipe.unet
+    proc = next(p for p in unet.attn_processors.values() if isinstance(p, BatchedIPAttnProcessor))
+    seen: list[int] = []
+    hook = proc.to_k_ip[0].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        outs = generator.run_batch(rows)
+    finally:
+        hook.remove()
+    assert all(o.error == "" for o in outs)
+    assert seen == [len(rows) + 1]  # 4 steps x 2 guidance halves x 3 rows would be 24 rows in 4 calls
+    for row, out in zip(rows, outs, strict=True):  # and each row is still what it is alone
+        assert np.abs(out.image - _ours(generator, row)).max() < 2e-3  # type: ignore[operator]
+
+
 def test_compiled_unet_follows_a_changed_schedule(zoo_dir: Path, ref_style: StableDiffusionPipeline) -> None:
     flow = _flow(zoo_dir)
     flow.models["sd15"].compile = True
