@@ -2,7 +2,7 @@
 
 Parquet, CSV and JSONL read into the same DataFrame (values normalised the same way), so a manifest
 can move between formats without changing what runs. Values are coerced leniently: a cell that does
-not fit its column is kept as written and reported by `manifest.check_rows`, row by row.
+not fit its column is kept as written and reported by `manifest_checks.check_rows`, row by row.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def runs(zoo_dir: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactor
     flow = _flow(zoo_dir, root, images)
     stage = flow.stages.extract
     assert stage is not None
-    real_collect, seen = extract._collect, []
+    real_collect, seen = extract.collect, []
 
     def dying_collect(*args: Any) -> None:
         seen.append(1)
@@ -86,12 +86,12 @@ def runs(zoo_dir: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactor
             raise RuntimeError("simulated crash")
         real_collect(*args)
 
-    extract._collect = dying_collect
+    extract.collect = dying_collect
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             extract.run_extract(flow, stage, commit_rows=4)
     finally:
-        extract._collect = real_collect
+        extract.collect = real_collect
     ids = {a: encoder_id(a, flow.encoders[a], str(zoo_dir)) for a in ("vit-h", "faces")}
     after_crash = len(EmbeddingStore(stage.store).keys())
     (root / "store" / ids["vit-h"] / ".part-0badc0ffee.parquet.tmp").write_bytes(b"PAR1 truncated")

@@ -13,14 +13,8 @@ import pytest
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow import Flow, load_flow, parse_flow
-from ipa_ops.manifest import (
-    MANIFEST_SCHEMA,
-    FaceOptions,
-    check_rows,
-    read_manifest,
-    uri_exists,
-    write_manifest,
-)
+from ipa_ops.manifest import MANIFEST_SCHEMA, FaceOptions, read_manifest, uri_exists, write_manifest
+from ipa_ops.manifest_checks import check_rows
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "ab" * 32 + "/vit-h@1234"

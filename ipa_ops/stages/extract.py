@@ -18,13 +18,10 @@ not yet committed; the next run skips what was. Bad inputs become `error` rows, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
 import threading
-import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +35,8 @@ from ipa_ops.errors import UserError
 from ipa_ops.flow import EncoderSpec, ExtractStage, Flow
 from ipa_ops.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
 from ipa_ops.stages import gpus_per_actor
-from ipa_ops.store import EmbeddingStore, build_table, content_key, now, uncond_key, vector_dims
+from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, store_row, summarize
+from ipa_ops.store import EmbeddingStore, content_key, uncond_key
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 4  # images decoded per call: small, so encoders start early and memory stays low
@@ -57,7 +55,6 @@ JOB = pa.schema(
         ("result", pa.large_binary()),  # pickled store rows from an encoder actor
     ]
 )
-COUNT_FIELDS = ("new", "stored", "failed", "no_face")
 
 
 def _job(uri: str, sha: str, alias: str, state: str, **extra: Any) -> dict[str, Any]:
@@ -120,13 +117,6 @@ def _buffers(batch: pa.Table) -> list[Any]:
 
 def _image(job: dict[str, Any]) -> Image.Image:
     return Image.frombuffer("RGB", (job["width"], job["height"]), job["pixels"], "raw", "RGB", 0, 1)
-
-
-def _row(job: dict[str, Any], enc_id: str, kind: str, **fields: Any) -> dict[str, Any]:
-    """A store row for a job: content key, provenance and the encoder's fields."""
-    return {"key": content_key(job["sha256"], enc_id), "image_sha256": job["sha256"], "source_uri": job["uri"],
-            "encoder": enc_id, "kind": kind, "status": "ok", "error": "", "notes": job["notes"],
-            "created_at": now(), **fields}  # fmt: skip
 
 
 class EncodeActor:
@@ -194,7 +184,7 @@ class EncodeActor:
             fields = {"image_embeds": np.zeros(self.encoder.embedding_dim(), dtype=np.float32)}
         origin = {"sha256": "", "uri": "", "notes": "unconditional (negative) embedding, as diffusers computes it"}
         row = {
-            **_row(origin, self.enc_id, "clip" if self.spec.type == "clip" else "face"),
+            **store_row(origin, self.enc_id, "clip" if self.spec.type == "clip" else "face"),
             "key": uncond_key(self.enc_id),
         }
         row.update(fields)
@@ -209,10 +199,10 @@ class EncodeActor:
             results = [self._encode_one(j) for j in jobs]
         for job, fields in zip(jobs, results, strict=True):
             if "error" in fields:
-                row = _row(job, self.enc_id, "clip", status="error", error=fields["error"])
+                row = store_row(job, self.enc_id, "clip", status="error", error=fields["error"])
             else:
                 shape = {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
-                row = _row(job, self.enc_id, "clip", **fields, **shape)
+                row = store_row(job, self.enc_id, "clip", **fields, **shape)
             job["result"] = pickle.dumps([row])
 
     def _encode_one(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +222,7 @@ class EncodeActor:
             crop = fields.pop("crop", None)
             if fields["status"] != "ok":
                 fields["error"] = f"{job['uri']}: {fields['error']}"
-            job["result"] = pickle.dumps([_row(job, self.enc_id, "face", **fields)])
+            job["result"] = pickle.dumps([store_row(job, self.enc_id, "face", **fields)])
             if crop is not None and self.crop_encoders:
                 crops += self._crop_jobs(job, fields["crop_sha256"], crop)
         return crops
@@ -249,46 +239,6 @@ class EncodeActor:
         ]
 
 
-class Committer:
-    """Driver side: buffers store rows per encoder and commits them as parts; keeps keys unique."""
-
-    def __init__(self, store: EmbeddingStore, known: dict[str, tuple[str, str]], rows: int, seconds: float):
-        self.store, self.rows_limit, self.seconds = store, rows, seconds
-        self.done = {k for k, (status, _) in known.items() if status != "error"}
-        self.errors = {k: error for k, (status, error) in known.items() if status == "error"}
-        self.buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.exemplars: dict[str, dict[str, Any]] = {}
-        self.last = time.monotonic()
-        self.parts = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        key, enc = row["key"], row["encoder"]
-        if key in self.done or (row["status"] == "error" and self.errors.get(key) == row["error"]):
-            return  # already stored (or the same failure already recorded)
-        if row["status"] != "error":
-            self.done.add(key)
-        if row.get("image_embeds") is not None and enc not in self.exemplars:
-            self.exemplars[enc] = row
-        self.buffers[enc].append(row)
-        if sum(map(len, self.buffers.values())) >= self.rows_limit or time.monotonic() - self.last >= self.seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        """Commit every buffer whose vector widths are known (from the folder or a row with vectors)."""
-        for enc, rows in self.buffers.items():
-            if not rows:
-                continue
-            exemplar = self.exemplars.get(enc)
-            dims = self.store.dims(enc) or (vector_dims(exemplar) if exemplar else {})
-            if not dims:
-                continue  # only error rows so far and no schema yet: wait for the encoder's first vectors
-            dtype = str(exemplar["hidden_states"].dtype) if exemplar and "hidden_states" in exemplar else "float32"
-            self.store.append(build_table(rows, dims, hidden_dtype=dtype))
-            self.parts += 1
-            rows.clear()
-        self.last = time.monotonic()
-
-
 def ensure_ray(address: str | None) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start an embedded Ray; True when this call started one."""
     if ray.is_initialized():
@@ -301,20 +251,6 @@ def ensure_ray(address: str | None) -> bool:
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
-
-
-def summarize(counts: dict[str, dict[str, int]]) -> str:
-    """One line per encoder: `vit-h: 0 new, 20 already stored, 0 failed, 0 no face`."""
-    return "\n".join(
-        f"{alias}: {c['new']} new, {c['stored']} already stored, {c['failed']} failed, {c['no_face']} no face"
-        for alias, c in counts.items()
-    )
-
-
-def _error_row(job: dict[str, Any], enc_id: str, kind: str) -> dict[str, Any]:
-    sha = job["sha256"] or "uri-" + hashlib.sha256(job["uri"].encode()).hexdigest()  # unreadable: no content hash
-    return {**_row({**job, "sha256": sha}, enc_id, kind), "image_sha256": job["sha256"], "status": "error",
-            "error": job["error"]}  # fmt: skip
 
 
 def run_extract(
@@ -352,7 +288,7 @@ def run_extract(
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
         for batch in batches:
             for job in batch.drop_columns(["pixels"]).to_pylist():
-                _collect(job, ids, kinds, counts, committer)
+                collect(job, ids, kinds, counts, committer)
             if on_batch is not None:
                 on_batch(batch.num_rows)
     finally:
@@ -409,27 +345,3 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
             num_gpus=gpus,
         )
     return ds
-
-
-def _collect(job: dict[str, Any], ids: dict[str, str], kinds: dict[str, str], counts: dict[str, dict[str, int]],
-             committer: Committer) -> None:  # fmt: skip
-    """Count one finished job and hand its store rows to the committer."""
-    alias = job["encoder"]
-    label = f"{alias}:face-crops" if job["origin"] else alias
-    tally = counts.setdefault(label, dict.fromkeys(COUNT_FIELDS, 0))
-    if job["state"] == "stored":
-        tally["stored"] += 1
-        return
-    if job["state"] == "error":
-        committer.add(_error_row(job, ids[alias], kinds[alias]))
-        tally["failed"] += 1
-        log.warning("%s", job["error"])
-        return
-    for row in pickle.loads(job["result"]) if job["result"] else []:
-        committer.add(row)
-        if row["key"].startswith("uncond/"):
-            continue
-        status = row["status"]
-        tally["new" if status == "ok" else "no_face" if status == "no_face" else "failed"] += 1
-        if status != "ok":
-            log.warning("%s", row["error"])

@@ -25,7 +25,8 @@ from ipa_ops.encoders.ids import encoder_id
 from ipa_ops.flow import Flow, GenerateStage
 from ipa_ops.generator import Generator
 from ipa_ops.images import exists
-from ipa_ops.manifest import check_rows, image_size, read_manifest
+from ipa_ops.manifest import image_size, read_manifest
+from ipa_ops.manifest_checks import check_rows
 from ipa_ops.outputs import OutputDir, versions
 from ipa_ops.plan import PlanError, RowPlan, plan_row, prepare
 from ipa_ops.preflight import check_adapter, model_dims
