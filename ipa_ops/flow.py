@@ -167,10 +167,10 @@ class ExtractResources(Resources):
         None,
         ge=1,
         description="Batches one encoder actor works on at once, in threads (image preprocessing and torch release "
-        "the GIL); each call gets num_cpus / calls torch threads. Default: the actor's CPUs, rounded down, at least "
-        "1. InsightFace encoders analyse one image at a time whatever this says. On a CPU-only machine one actor "
-        "holding every core, with one call per core, starts once and beats one single-threaded actor per core; on a "
-        "GPU actor with several CPUs, calls overlap preprocessing with the GPU's work.",
+        "the GIL); each call gets num_cpus / calls torch threads. Default: 1 on GPU actors (more overlap "
+        "preprocessing with the GPU's work but multiply activation memory), the actor's CPUs rounded down on CPU "
+        "actors. InsightFace encoders analyse one image at a time whatever this says. On a CPU-only machine one "
+        "actor holding every core, with one call per core, starts once and beats one single-threaded actor per core.",
     )
 
 

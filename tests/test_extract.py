@@ -212,6 +212,9 @@ def test_encoder_id_without_loading_and_what_changes_it(zoo_dir: Path, tmp_path:
         None,  # no preprocessor_config.json: the processor diffusers builds from the vision config's image_size
         {"size": 48, "crop_size": 40, "resample": 2, "image_mean": [0.5, 0.5, 0.5]},
         {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": False},
+        {"size": None, "crop_size": 200, "do_normalize": None, "image_mean": None},  # null stays None
+        {"size": [64, 48], "crop_size": [40, 40]},  # pairs are (height, width)
+        {"size": 56, "default_to_square": True},
     ],
 )
 def test_preprocessing_read_from_json_matches_the_processor(zoo_dir: Path, tmp_path: Path, config: Any) -> None:
@@ -225,6 +228,17 @@ def test_preprocessing_read_from_json_matches_the_processor(zoo_dir: Path, tmp_p
     read = preprocessing(tmp_path, "center")
     assert read.pop("crop_mode") == "center"
     assert read == processor_settings(clip_processor(tmp_path))
+
+
+def test_unreadable_preprocessing_size_is_a_one_line_error(tmp_path: Path) -> None:
+    import json
+
+    from ipa_ops.encoders.ids import preprocessing
+    from ipa_ops.errors import UserError
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": "big"}))
+    with pytest.raises(UserError, match=r"preprocessor_config.json has a size or crop_size ipa cannot read \('big'"):
+        preprocessing(tmp_path, "center")
 
 
 def test_encoder_ids_do_not_import_transformers(zoo_dir: Path) -> None:

@@ -17,7 +17,8 @@ from ipa_ops.errors import UserError
 from ipa_ops.flow import EncoderSpec
 from ipa_ops.sources import fingerprint, resolve
 
-ALGORITHM = "ipa-extract-1"  # bump when the way embeddings are computed changes
+# bump when the way embeddings are computed, or ids are derived, changes (2: preprocessing read from JSON)
+ALGORITHM = "ipa-extract-2"
 FACE_CROP_SIZE = 224  # insightface norm_crop size used by IP-Adapter FaceID-Plus / plus-face
 MIN_DET_SIZE = 320
 DET_STEP = 64
@@ -93,9 +94,15 @@ def preprocessing(folder: Path, crop: str) -> dict[str, Any]:
     else:  # diffusers' load_ip_adapter builds CLIPImageProcessor(size=image_size, crop_size=image_size)
         size = clip_image_size(folder)
         given = {"size": size, "crop_size": size}
-    settings = {k: given.get(k, _CLIP_DEFAULTS[k]) for k in _PREPROCESS_KEYS}
-    settings["size"] = _size(settings["size"], square=False)
-    settings["crop_size"] = _size(settings["crop_size"], square=True)
+    settings = {k: given.get(k, _CLIP_DEFAULTS[k]) for k in _PREPROCESS_KEYS}  # null stays None, as in transformers
+    try:
+        settings["size"] = _size(settings["size"], square=bool(given.get("default_to_square")))
+        settings["crop_size"] = _size(settings["crop_size"], square=True)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"clip encoder {folder}: preprocessor_config.json has a size or crop_size ipa cannot read "
+            f"({settings['size']!r}, {settings['crop_size']!r}); give an int or a dict of ints"
+        ) from None
     return {**settings, "crop_mode": crop}
 
 
@@ -110,11 +117,18 @@ def processor_settings(processor: Any) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=int))  # enums (resample) as their values
 
 
-def _size(value: Any, square: bool) -> dict[str, int]:
-    """transformers' reading of a size: an int is the shortest edge (size) or a square (crop_size)."""
+def _size(value: Any, square: bool) -> dict[str, int] | None:
+    """transformers' reading of a size: an int is the shortest edge (size) or a square (crop_size), a
+    pair is (height, width)."""
+    if value is None:
+        return None
     if isinstance(value, dict):
         return {k: int(v) for k, v in value.items() if v is not None}
-    return {"height": int(value), "width": int(value)} if square else {"shortest_edge": int(value)}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return {"height": value, "width": value} if square else {"shortest_edge": value}
 
 
 def face_pack_dir(spec: EncoderSpec, mirror: str | None) -> Path:

@@ -139,7 +139,7 @@ class EncodeActor:
     def encoder(self) -> Any:
         """The model, loaded on first use: a re-run where everything is stored loads nothing."""
         with self._lock:
-            return self._encoder or self._load()
+            return self._encoder if self._encoder is not None else self._load()
 
     def _load(self) -> Any:
         if self.torch_threads:  # calls run side by side: each gets its share of the cores, not all of them
@@ -320,7 +320,8 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
         fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
         **decode,
     )
-    calls = res.calls_per_actor or max(1, int(res.num_cpus))
+    # GPU actors: one batch at a time unless asked (concurrent forwards multiply activation memory)
+    calls = res.calls_per_actor or (1 if gpus else max(1, int(res.num_cpus)))
     for alias in sorted(ids, key=lambda a: kinds[a] != "face"):  # faces first: their crops feed CLIP pools
         spec = flow.encoders[alias]
         ds = ds.map_batches(
@@ -334,7 +335,7 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
                 "emit_uncond": f"uncond/{ids[alias]}" not in unconds,
                 "claims": claims,
                 "crop_encoders": clips if kinds[alias] == "face" else None,
-                "torch_threads": max(1, int(res.num_cpus) // calls) if calls > 1 else 0,
+                "torch_threads": max(1, int(res.num_cpus) // calls) if calls > 1 and kinds[alias] == "clip" else 0,
             },  # fmt: skip
             compute=ray.data.ActorPoolStrategy(
                 size=res.actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1
