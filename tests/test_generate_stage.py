@@ -14,8 +14,9 @@ import ray
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from zoo_flows import zoo_flow
 
-from ipa_ops.flow import Flow, load_flow
+from ipa_ops.flow import Flow
 from ipa_ops.generator import Generator
 from ipa_ops.outputs import OutputDir
 from ipa_ops.plan import prepare
@@ -46,21 +47,7 @@ def _good_rows(n: int = 10) -> list[dict]:
 
 
 def _flow(root: Path, zoo: Path, manifest: Path, output: str = "out") -> Flow:
-    return load_flow(
-        REPO / "flows" / "quickstart.yaml",
-        [
-            f"mirror={zoo}",
-            f"stages.extract.images={REPO / 'data' / 'refs'}",
-            f"stages.extract.store={root / 'store'}",
-            f"stages.generate.store={root / 'store'}",
-            f"stages.generate.manifest={manifest}",
-            f"stages.generate.output={root / output}",
-            "stages.generate.defaults.width=64",
-            "stages.generate.defaults.height=64",
-            "stages.generate.defaults.steps=3",
-            "stages.generate.resources.batch_size=4",
-        ],
-    )
+    return zoo_flow("quickstart", root, zoo, manifest, "stages.generate.resources.batch_size=4", steps=3, output=output)
 
 
 @pytest.fixture(scope="module")

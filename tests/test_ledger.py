@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from zoo_flows import zoo_flow
 
 from ipa_ops import cli
 from ipa_ops.errors import UserError
-from ipa_ops.flow import Flow, load_flow
+from ipa_ops.flow import Flow
 from ipa_ops.ledger import RunRecord, flow_hash, read_ledger, recording
 from ipa_ops.runner import run_flow
 
@@ -29,20 +30,7 @@ def _partition(root: Path, day: str, ids: list[str]) -> None:
 
 
 def _flow(root: Path, zoo: Path, manifest: str) -> Flow:
-    return load_flow(
-        REPO / "flows" / "quickstart.yaml",
-        [
-            f"mirror={zoo}",
-            f"stages.extract.images={REFS}",
-            f"stages.extract.store={root / 'store'}",
-            f"stages.generate.store={root / 'store'}",
-            f"stages.generate.manifest={manifest}",
-            f"stages.generate.output={root / 'out'}",
-            "stages.generate.defaults.width=64",
-            "stages.generate.defaults.height=64",
-            "stages.generate.defaults.steps=2",
-        ],
-    )
+    return zoo_flow("quickstart", root, zoo, manifest)
 
 
 def test_scheduled_runs_generate_only_new_rows_and_are_recorded(

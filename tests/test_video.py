@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 from PIL import Image
+from zoo_flows import zoo_flow
 
 from ipa_ops.commands.core import flow_problems
 from ipa_ops.flow import Flow, load_flow
@@ -120,24 +121,13 @@ def test_video_rows_match_animatediff_in_one_batch(zoo_dir: Path, documented: An
 
 
 def _stage_flow(root: Path, zoo: Path, manifest: Path) -> Flow:
-    return load_flow(
-        REPO / "flows" / "video.yaml",
-        [
-            f"mirror={zoo}",
-            f"stages.extract.images={REPO / 'data' / 'refs'}",
-            f"stages.extract.store={root / 'store'}",
-            f"stages.generate.store={root / 'store'}",
-            f"stages.generate.manifest={manifest}",
-            f"stages.generate.output={root / 'out'}",
-            "stages.generate.defaults.width=64",
-            "stages.generate.defaults.height=64",
-            "stages.generate.defaults.steps=2",
-            "stages.generate.defaults.num_frames=3",
-            "stages.generate.defaults.negative_prompt='bad quality'",
-            "stages.extract.resources.num_gpus=0",
-            "stages.generate.resources.num_gpus=0",
-        ],
-    )
+    return zoo_flow(
+        "video", root, zoo, manifest,
+        "stages.generate.defaults.num_frames=3",
+        "stages.generate.defaults.negative_prompt='bad quality'",
+        "stages.extract.resources.num_gpus=0",
+        "stages.generate.resources.num_gpus=0",
+    )  # fmt: skip
 
 
 def test_video_flow_on_the_ray_stage_writes_gif_and_frames(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .common import save_torch, torch_dtype
-from .ip_adapters import _Init, _unet_config, block_width
+from .ip_adapters import _Init, _unet_config, block_width, flat_shapes
 from .sd import unet_from_config
 from .sizes import ZooSizes
 
@@ -160,11 +160,7 @@ def faceid_state_dict(
 def shapes(sizes: ZooSizes) -> dict[str, dict[str, list[int]]]:
     """Tensor shapes of every FaceID checkpoint (flat keys), without writing anything."""
     slots = {f: attention_slots(_unet_config(sizes, f)) for f in ("sd15", "sdxl")}
-    out: dict[str, dict[str, list[int]]] = {}
-    for spec in FACEID:
-        sd = faceid_state_dict(spec, sizes, slots[spec.family], meta=True)
-        out[spec.stem] = {f"{k}.{n}": list(t.shape) for k, part in sd.items() for n, t in part.items()}
-    return out
+    return flat_shapes(FACEID, lambda spec: faceid_state_dict(spec, sizes, slots[spec.family], meta=True))
 
 
 def build_faceid_repo(path: Path, sizes: ZooSizes) -> None:

@@ -10,7 +10,7 @@ UNet built on the meta device, walking ``unet.attn_processors`` the way diffuser
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,14 +196,19 @@ def adapter_state_dict(
     return {"image_proj": image_proj, "ip_adapter": _ip_layers(init, slots)}
 
 
+def flat_shapes(specs: Iterable[Any], state_dict: Callable[[Any], dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """`{stem: {"image_proj.<name>": shape, ...}}` of each spec's nested state dict (built on meta)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for spec in specs:
+        sd = state_dict(spec)
+        out[spec.stem] = {f"{k}.{n}": list(t.shape) for k, part in sd.items() for n, t in part.items()}
+    return out
+
+
 def shapes(sizes: ZooSizes) -> dict[str, dict[str, list[int]]]:
     """Tensor shapes of every checkpoint (flat safetensors keys), without writing anything."""
     slots = {f: cross_attention_slots(_unet_config(sizes, f)) for f in ("sd15", "sdxl")}
-    out: dict[str, dict[str, list[int]]] = {}
-    for spec in ADAPTERS:
-        sd = adapter_state_dict(spec, sizes, slots[spec.family], meta=True)
-        out[spec.stem] = {f"{k}.{n}": list(t.shape) for k, part in sd.items() for n, t in part.items()}
-    return out
+    return flat_shapes(ADAPTERS, lambda spec: adapter_state_dict(spec, sizes, slots[spec.family], meta=True))
 
 
 def build_ip_adapter_repo(path: Path, sizes: ZooSizes) -> None:
