@@ -114,6 +114,29 @@ def test_second_run_encodes_nothing(runs: dict[str, Any]) -> None:
     assert store.stats()["temp_files"] == 1  # the leftover is ignored by readers, never read as a part
 
 
+def test_faces_stored_without_their_crop_rows_get_them_next_run(zoo_dir: Path, ray_local: None, tmp_path: Path) -> None:
+    """A face row whose crop has no CLIP row (a run killed between the two, or a CLIP encoder added
+    later) is handed out again: the next run makes the crop row and keeps the face row."""
+    import ipa_ops.stages.extract as extract
+
+    face = tmp_path / "face.png"
+    draw_face((160, 120), seed=1).save(face)
+    flow = _flow(zoo_dir, tmp_path, [str(face)])
+    stage = flow.stages.extract
+    assert stage is not None
+    faces_only = stage.model_copy(update={"encoders": ["faces"]})
+    assert extract.run_extract(flow, faces_only)["faces"]["new"] == 1
+    ids = {a: encoder_id(a, flow.encoders[a], str(zoo_dir)) for a in ("vit-h", "faces")}
+    store = EmbeddingStore(stage.store)
+    face_row = store.rows([content_key(_sha(face), ids["faces"])]).iloc[0]
+    crop_key = content_key(face_row["crop_sha256"], ids["vit-h"])
+    assert store.rows([crop_key]).iloc[0]["status"] == "missing"
+    extract.run_extract(flow, stage)
+    store.refresh()
+    assert store.rows([crop_key]).iloc[0]["status"] == "ok"
+    assert store.rows([face_row["key"]]).iloc[0]["created_at"] == face_row["created_at"]  # the face row is kept
+
+
 def test_bad_inputs_are_error_rows_naming_file_and_reason(runs: dict[str, Any]) -> None:
     table = runs["store"].table()
     errors = table[table["status"] == "error"]

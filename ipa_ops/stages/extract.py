@@ -35,7 +35,7 @@ from ipa_ops.errors import UserError
 from ipa_ops.flow import EncoderSpec, ExtractStage, Flow
 from ipa_ops.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
 from ipa_ops.stages import gpus_per_actor
-from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, store_row, summarize
+from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
 from ipa_ops.store import EmbeddingStore, content_key, uncond_key
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,8 @@ def run_extract(
     known = store.statuses()
     committer = Committer(store, known, commit_rows, commit_seconds)
     started = ensure_ray(flow.ray.address)
-    claims = Claims.remote(committer.done)
+    faces = [ids[a] for a in ids if kinds[a] == "face"]
+    claims = Claims.remote(committer.done - faces_missing_crops(store, faces, list(clips.values())))
     batches: Any = iter(())
     try:
         ds = _pipeline(flow, stage, uris, ids, kinds, clips, claims, {k for k in known if k.startswith("uncond/")})

@@ -67,6 +67,24 @@ class Committer:
         self.last = time.monotonic()
 
 
+def faces_missing_crops(store: EmbeddingStore, face_ids: list[str], clip_ids: list[str]) -> set[str]:
+    """Stored face keys whose aligned crop has no row yet for one of `clip_ids`.
+
+    A run killed between committing a face row and its crop's CLIP row leaves such faces behind;
+    handing their keys out again re-makes the crop rows (the face rows themselves are kept).
+    """
+    table = store.table()
+    if not face_ids or not clip_ids or table.empty or "crop_sha256" not in table:
+        return set()
+    known = store.statuses()
+    faces = table[table["encoder"].isin(face_ids) & (table["status"] == "ok") & table["crop_sha256"].notna()]
+    return {
+        key
+        for key, sha in zip(faces["key"], faces["crop_sha256"], strict=True)
+        if any(content_key(sha, clip) not in known for clip in clip_ids)
+    }
+
+
 def summarize(counts: dict[str, dict[str, int]]) -> str:
     """One line per encoder: `vit-h: 0 new, 20 already stored, 0 failed, 0 no face`."""
     return "\n".join(
