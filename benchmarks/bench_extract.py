@@ -92,7 +92,7 @@ def stage_run(folder: Path, images: Path, store: Path, batch_size: int, actors: 
 
     Runs in a fresh interpreter (see `child`); returns seconds per image after the first batch.
     """
-    from ipa_ops.flow import parse_flow
+    from ipa_ops.flow.spec import parse_flow
     from ipa_ops.stages.extract import run_extract
 
     flow = parse_flow({

@@ -33,10 +33,11 @@ from diffusers import AutoPipelineForText2Image  # noqa: E402
 from diffusers.callbacks import IPAdapterScaleCutoffCallback  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from ipa_ops.conditioning import preprocess_masks  # noqa: E402
-from ipa_ops.flow import Flow  # noqa: E402
-from ipa_ops.generator import AdapterInput, Generator, RowRequest  # noqa: E402
-from ipa_ops.schedules import PRESETS, architecture, parse_schedule  # noqa: E402
+from ipa_ops.flow.schedules import parse_schedule  # noqa: E402
+from ipa_ops.flow.spec import Flow  # noqa: E402
+from ipa_ops.generate.conditioning import preprocess_masks  # noqa: E402
+from ipa_ops.generate.families import family_of  # noqa: E402
+from ipa_ops.generate.generator import AdapterInput, Generator, RowRequest  # noqa: E402
 from ipa_ops.zoo import build_zoo  # noqa: E402
 
 # per base model: pipeline, adapter subfolder, (pooled adapter, Plus adapter), default size
@@ -145,7 +146,8 @@ def run_plain(pipe: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
     images = []
     for row in rows:
         spec = parse_schedule(row["schedule"])
-        scale: Any = PRESETS[architecture(pipe.unet)][spec.preset] if spec.preset else spec.value
+        presets = family_of(Path(pipe.config._name_or_path)).presets
+        scale: Any = presets[spec.preset] if spec.preset else spec.value
         if row["masks"] is not None:
             scale = [spec.value, spec.value]
         pipe.set_ip_adapter_scale([scale, 0.3 if row["second"] else 0.0])

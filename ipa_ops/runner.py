@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ipa_ops.errors import UserError
-from ipa_ops.flow import Flow
-from ipa_ops.ledger import recording
+from ipa_ops.flow.spec import Flow
+from ipa_ops.outputs.ledger import recording
 
 STAGE_ORDER = ("extract", "generate")
 

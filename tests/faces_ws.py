@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ipa_ops.flow import Flow, parse_flow
+from ipa_ops.flow.spec import Flow, parse_flow
+from ipa_ops.generate.manifest_plan import plan_manifest
 from ipa_ops.stages.extract import run_extract
-from ipa_ops.stages.generate import plan_manifest
-from ipa_ops.store import EmbeddingStore
+from ipa_ops.store.dataset import EmbeddingStore
 from ipa_ops.zoo import draw_face
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

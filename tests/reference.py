@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ipa_ops.generator import RowRequest
+from ipa_ops.generate.contract import RowRequest
 
 
 def diffusers_call(pipe: Any, row: RowRequest, **kwargs: Any) -> np.ndarray:

@@ -26,23 +26,20 @@ import pytest
 import yaml
 
 from ipa_ops import cli
-from ipa_ops.cluster import (
-    KINDS,
+from ipa_ops.cluster.jobs import (
     PROGRAM,
     RAY_VERSION,
-    RenderOptions,
     SubmitOptions,
     entrypoint,
     hash_with_mirror,
-    render,
     runtime_env,
     submission_id,
-    with_sets,
 )
+from ipa_ops.cluster.render import KINDS, RenderOptions, render, with_sets
 from ipa_ops.errors import UserError
-from ipa_ops.flow import load_flow
-from ipa_ops.ledger import read_ledger
-from ipa_ops.outputs import OutputDir
+from ipa_ops.flow.spec import load_flow
+from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.outputs.ledger import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = "flows/quickstart.yaml"

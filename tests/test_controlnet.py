@@ -21,10 +21,11 @@ from diffusers import (
 from PIL import Image
 from reference import diffusers_call
 
-from ipa_ops.flow import Flow, load_flow
-from ipa_ops.generator import AdapterInput, Generator, RowRequest
-from ipa_ops.schedules import parse_schedule
-from ipa_ops.stages.generate import plan_manifest
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import Flow, load_flow
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -162,7 +163,7 @@ def test_controlnet_scale_splits_batches(generator: Generator) -> None:
 
 def test_controlnet_row_survives_the_ray_payload() -> None:
     """Rows travel between Ray stages as safetensors + JSON: the control image and scale come through."""
-    from ipa_ops import payload
+    from ipa_ops.generate import payload
 
     row = _row("p", "sd15", "style", torch.zeros(2, 1, 24), 0.5, 1, 0.35)
     back = payload.from_bytes(payload.to_bytes(row))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ipa_ops.cli import main
-from ipa_ops.outputs import OutputDir
+from ipa_ops.outputs.folder import OutputDir
 
 REPO = Path(__file__).resolve().parents[1]
 

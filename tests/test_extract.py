@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ipa_ops.encoders.ids import encoder_id
-from ipa_ops.flow import Flow, parse_flow
-from ipa_ops.store import EmbeddingStore, content_key
+from ipa_ops.flow.spec import Flow, parse_flow
+from ipa_ops.store.dataset import EmbeddingStore, content_key
+from ipa_ops.store.encoders.ids import encoder_id
 from ipa_ops.zoo import draw_face, draw_faces, face_analysis_kwargs
 
 ENCODER = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder", "hidden_states": True}
@@ -210,7 +210,7 @@ def test_plain_pandas_reads_the_store(runs: dict[str, Any]) -> None:
 
 
 def test_encoder_id_without_loading_and_what_changes_it(zoo_dir: Path, tmp_path: Path) -> None:
-    from ipa_ops.flow import EncoderSpec
+    from ipa_ops.flow.spec import EncoderSpec
 
     folder = tmp_path / "enc"
     folder.mkdir()
@@ -243,7 +243,7 @@ def test_encoder_id_without_loading_and_what_changes_it(zoo_dir: Path, tmp_path:
 def test_preprocessing_read_from_json_matches_the_processor(zoo_dir: Path, tmp_path: Path, config: Any) -> None:
     import json
 
-    from ipa_ops.encoders.ids import clip_processor, preprocessing, processor_settings
+    from ipa_ops.store.encoders.ids import clip_processor, preprocessing, processor_settings
 
     shutil.copy(zoo_dir / "h94/IP-Adapter/models/image_encoder/config.json", tmp_path)
     if config is not None:
@@ -256,8 +256,8 @@ def test_preprocessing_read_from_json_matches_the_processor(zoo_dir: Path, tmp_p
 def test_unreadable_preprocessing_size_is_a_one_line_error(tmp_path: Path) -> None:
     import json
 
-    from ipa_ops.encoders.ids import preprocessing
     from ipa_ops.errors import UserError
+    from ipa_ops.store.encoders.ids import preprocessing
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": "big"}))
     with pytest.raises(UserError, match=r"preprocessor_config.json has a size or crop_size ipa cannot read \('big'"):
@@ -270,7 +270,7 @@ def test_encoder_ids_do_not_import_transformers(zoo_dir: Path) -> None:
     import sys
 
     code = (
-        "import sys; from ipa_ops.encoders.ids import encoder_id; from ipa_ops.flow import EncoderSpec; "
+        "import sys; from ipa_ops.store.encoders.ids import encoder_id; from ipa_ops.flow.spec import EncoderSpec; "
         f"encoder_id('vit-h', EncoderSpec(**{ENCODER!r}), {str(zoo_dir)!r}); "
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'"
     )
@@ -278,7 +278,7 @@ def test_encoder_ids_do_not_import_transformers(zoo_dir: Path) -> None:
 
 
 def test_crop_modes_change_pixels_not_square_images(zoo_dir: Path) -> None:
-    from ipa_ops.encoders.clip import ClipEncoder
+    from ipa_ops.store.encoders.clip import ClipEncoder
 
     encoder = ClipEncoder(zoo_dir / "h94/IP-Adapter/models/image_encoder")
     wide = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 120, 3), dtype=np.uint8))
@@ -295,7 +295,7 @@ def test_crop_modes_change_pixels_not_square_images(zoo_dir: Path) -> None:
 
 
 def test_face_retries_smaller_sizes_and_choice_rules(zoo_dir: Path) -> None:
-    from ipa_ops.encoders.face import FaceEncoder
+    from ipa_ops.store.encoders.face import FaceEncoder
 
     pack = zoo_dir / "insightface/models/buffalo_l"
     close_up = FaceEncoder(pack, det_size=640).encode(draw_face((640, 640), radius=250, seed=4))

@@ -24,10 +24,12 @@ from PIL import Image
 from reference import diffusers_call
 from transformers import CLIPVisionModelWithProjection
 
-from ipa_ops.generator import Generator, RowRequest
-from ipa_ops.outputs import OutputDir
-from ipa_ops.plan import RowPlan, prepare
-from ipa_ops.preflight import adapter_facts, check_flow
+from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.families import adapter_facts
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.generate.preflight import check_flow
+from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.generate import run_generate
 from ipa_ops.zoo import face_analysis_kwargs
 

@@ -22,10 +22,11 @@ from PIL import Image
 from reference import diffusers_call
 
 from ipa_ops.cli import main
-from ipa_ops.flow import parse_flow
-from ipa_ops.generator import Generator, RowRequest
-from ipa_ops.plan import prepare
-from ipa_ops.preflight import check_flow
+from ipa_ops.flow.spec import parse_flow
+from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.plan import prepare
+from ipa_ops.generate.preflight import check_flow
 
 TOL = 1e-4
 WEIGHTS = {"full-face": "ip-adapter-full-face_sd15.bin", "plus-face": "ip-adapter-plus-face_sd15.safetensors"}

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ipa_ops.cli import main
-from ipa_ops.flow import FlowError, load_flow
+from ipa_ops.flow.spec import FlowError, load_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

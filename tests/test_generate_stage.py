@@ -16,13 +16,14 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from zoo_flows import zoo_flow
 
-from ipa_ops.flow import Flow
-from ipa_ops.generator import Generator
-from ipa_ops.outputs import OutputDir
-from ipa_ops.plan import prepare
+from ipa_ops.flow.spec import Flow
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
+from ipa_ops.generate.plan import prepare
+from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
-from ipa_ops.stages.generate import GeneratorActor, plan_manifest, run_generate
-from ipa_ops.store import EmbeddingStore
+from ipa_ops.stages.generate import GeneratorActor, run_generate
+from ipa_ops.store.dataset import EmbeddingStore
 
 REPO = Path(__file__).resolve().parents[1]
 REFS = [str(REPO / "data" / "refs" / f"ref-{i}.png") for i in range(4)]

@@ -21,10 +21,11 @@ from diffusers.callbacks import IPAdapterScaleCutoffCallback
 from PIL import Image
 from reference import diffusers_call
 
-from ipa_ops.conditioning import preprocess_masks
-from ipa_ops.flow import Flow
-from ipa_ops.generator import AdapterInput, Generator, RowRequest
-from ipa_ops.schedules import parse_schedule
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import Flow
+from ipa_ops.generate.conditioning import preprocess_masks
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.generator import Generator
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOL = 1e-4
@@ -241,7 +242,7 @@ def test_kv_cache_equals_uncached(zoo_dir: Path, ref_style: StableDiffusionPipel
 
 def test_ip_projections_run_once_per_row_and_call(generator: Generator, ref_style: StableDiffusionPipeline) -> None:
     """to_k_ip / to_v_ip see each row's tokens once per call, and the shared negative once, not per step or row."""
-    from ipa_ops.attention import BatchedIPAttnProcessor
+    from ipa_ops.generate.attention import BatchedIPAttnProcessor
 
     emb = [_embeds(ref_style, [[im]])[0] for im in _refs(3)]
     rows = [_row(f"p{i}", 40 + i, [_input("style", e, 0.5 + 0.1 * i)]) for i, e in enumerate(emb)]
@@ -278,6 +279,7 @@ def test_generator_core_imports_without_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['ray'] = None; import ipa_ops.generator, ipa_ops.plan, ipa_ops.zoo"
+    core = "ipa_ops.generate.generator, ipa_ops.generate.plan, ipa_ops.generate.manifest_plan, ipa_ops.zoo"
+    code = f"import sys; sys.modules['ray'] = None; import {core}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-500:]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ipa_ops.errors import UserError
-from ipa_ops.images import ImageError, exists, expand_inputs, read_image, sha256_of
+from ipa_ops.store.images import ImageError, exists, expand_inputs, read_image, sha256_of
 
 
 def _save(path: Path, img: Image.Image, fmt: str | None = None, **kw: object) -> Path:

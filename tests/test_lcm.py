@@ -18,10 +18,11 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors.torch import load_file
 
-from ipa_ops.flow import Flow, FlowError, load_flow, parse_flow
-from ipa_ops.generator import AdapterInput, Generator, RowRequest
-from ipa_ops.schedules import parse_schedule
-from ipa_ops.stages.generate import plan_manifest
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import Flow, FlowError, load_flow, parse_flow
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LCM = "latent-consistency/lcm-lora-sdv1-5"

@@ -11,8 +11,8 @@ from zoo_flows import zoo_flow
 
 from ipa_ops import cli
 from ipa_ops.errors import UserError
-from ipa_ops.flow import Flow
-from ipa_ops.ledger import RunRecord, flow_hash, read_ledger, recording
+from ipa_ops.flow.spec import Flow
+from ipa_ops.outputs.ledger import RunRecord, flow_hash, read_ledger, recording
 from ipa_ops.runner import run_flow
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ipa_ops.errors import UserError
-from ipa_ops.flow import Flow, load_flow, parse_flow
-from ipa_ops.manifest import MANIFEST_SCHEMA, FaceOptions, read_manifest, uri_exists, write_manifest
-from ipa_ops.manifest_checks import check_rows
+from ipa_ops.flow.spec import Flow, load_flow, parse_flow
+from ipa_ops.manifest.checks import check_rows
+from ipa_ops.manifest.rows import MANIFEST_SCHEMA, FaceOptions, read_manifest, uri_exists, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "ab" * 32 + "/vit-h@1234"

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ipa_ops.outputs import OutputDir, canonical_json, row_key, versions
+from ipa_ops.canonical import canonical_json
+from ipa_ops.outputs.folder import OutputDir, row_key, versions
 
 PARAMS: dict[str, Any] = {
     "prompt": "a cat",
@@ -60,7 +61,7 @@ def test_row_key_canonical_forms() -> None:
 
 def test_row_key_stable_across_processes() -> None:
     code = (
-        "import json, sys; from ipa_ops.outputs import row_key\n"
+        "import json, sys; from ipa_ops.outputs.folder import row_key\n"
         "print(row_key(json.loads(sys.argv[1]) | {'s': {'b', 'a', 'c'}}))"
     )
     cwd = Path(__file__).resolve().parents[1]

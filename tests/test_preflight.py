@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from ipa_ops.cli import main
-from ipa_ops.flow import Flow
-from ipa_ops.preflight import adapter_facts, check_flow
+from ipa_ops.flow.spec import Flow
+from ipa_ops.generate.families import adapter_facts
+from ipa_ops.generate.preflight import check_flow
 
 H94 = "h94/IP-Adapter"
 

@@ -11,8 +11,8 @@ import pandas as pd
 from PIL import Image
 
 from ipa_ops.cli import main
-from ipa_ops.outputs import OutputDir
-from ipa_ops.report import build_report
+from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.outputs.report import build_report
 
 PROMPTS = {"a": 'a <script>alert("x")</script> cat', "b": "fish & chips", "c": "a 'looping' <gif>"}
 

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ipa_ops.flow import load_flow
-from ipa_ops.ledger import inputs_seen, read_ledger, recording
-from ipa_ops.manifest_io import read_manifest
-from ipa_ops.outputs import OutputDir
-from ipa_ops.store import EmbeddingStore, build_table, content_key, now
+from ipa_ops.flow.spec import load_flow
+from ipa_ops.manifest.reading import read_manifest
+from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.outputs.ledger import inputs_seen, read_ledger, recording
+from ipa_ops.store.dataset import EmbeddingStore, build_table, content_key, now
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ipa-test"

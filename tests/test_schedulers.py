@@ -12,10 +12,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ipa_ops.flow import SCHEDULERS, Flow, FlowError, load_flow, parse_flow
-from ipa_ops.generator import AdapterInput, Generator, RowRequest
-from ipa_ops.schedules import parse_schedule
-from ipa_ops.stages.generate import plan_manifest
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import SCHEDULERS, Flow, FlowError, load_flow, parse_flow
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOL = 1e-4

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ipa_ops.schedules import parse_schedule, schedule_hash, step_profile
+from ipa_ops.flow.schedules import parse_schedule, schedule_hash, step_profile
 
 
 def test_scalar_and_json_text_are_the_same() -> None:

@@ -17,8 +17,8 @@ import torch
 
 from ipa_ops.cli import main
 from ipa_ops.errors import UserError
-from ipa_ops.store import EmbeddingStore, StoreError, build_table, content_key, now, uncond_key, vector_dims
-from ipa_ops.store_import import import_embeddings
+from ipa_ops.store.dataset import EmbeddingStore, StoreError, build_table, content_key, now, uncond_key, vector_dims
+from ipa_ops.store.imports import import_embeddings
 
 ENC = "vit-h@0123456789abcdef"
 RNG = np.random.default_rng(0)

@@ -9,10 +9,10 @@ import yaml
 
 from ipa_ops.cli import main
 from ipa_ops.errors import UserError
-from ipa_ops.flow import load_flow
-from ipa_ops.manifest import read_manifest, uri_exists
-from ipa_ops.manifest_checks import check_rows
-from ipa_ops.sweep import SweepSpec, expand_sweep, load_sweep
+from ipa_ops.flow.spec import load_flow
+from ipa_ops.manifest.checks import check_rows
+from ipa_ops.manifest.rows import read_manifest, uri_exists
+from ipa_ops.manifest.sweep import SweepSpec, expand_sweep, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "manifests" / "sweep-example.yaml"

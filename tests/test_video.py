@@ -20,13 +20,14 @@ from PIL import Image
 from zoo_flows import zoo_flow
 
 from ipa_ops.commands.core import flow_problems
-from ipa_ops.flow import Flow, load_flow
-from ipa_ops.generator import AdapterInput, Generator, RowRequest
-from ipa_ops.outputs import OutputDir
-from ipa_ops.schedules import parse_schedule
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import Flow, load_flow
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
 from ipa_ops.stages.generate import run_generate
-from ipa_ops.store import EmbeddingStore
+from ipa_ops.store.dataset import EmbeddingStore
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MOTION = "guoyww/animatediff-motion-adapter-v1-5-2"

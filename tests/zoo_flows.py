@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipa_ops.flow import Flow, load_flow
+from ipa_ops.flow.spec import Flow, load_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

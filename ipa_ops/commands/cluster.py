@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--kind", required=True, choices=["raycluster", "rayjob", "raycronjob", "cronjob", "all"])
     r.add_argument("--out-dir", help="write <flow>.<kind>.yaml files here instead of printing")
     r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a flow field")
-    for flag, kind, doc in RENDER_OPTIONS:  # defaults live in cluster.RenderOptions
+    for flag, kind, doc in RENDER_OPTIONS:  # defaults live in cluster/render.py: RenderOptions
         r.add_argument(flag, type=kind, help=doc)
     r.set_defaults(func=_render)
 
@@ -95,8 +95,8 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from ipa_ops import cluster
-    from ipa_ops.flow import load_flow
+    from ipa_ops.cluster import jobs as cluster
+    from ipa_ops.flow.spec import load_flow
 
     flow = load_flow(args.flow, args.set)
     env = dict(_pair(e, "--env") for e in args.env)
@@ -149,7 +149,7 @@ def _addr_flag(args: argparse.Namespace) -> str:
 
 
 def _client_and_info(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ipa_ops import cluster
+    from ipa_ops.cluster import jobs as cluster
 
     client = cluster.job_client(args.address)
     info = cluster.job_info(client, args.job_id)
@@ -173,7 +173,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from ipa_ops import cluster
+    from ipa_ops.cluster import jobs as cluster
 
     client, _ = _client_and_info(args)
     if args.follow:
@@ -193,8 +193,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _runs_ls(args: argparse.Namespace) -> int:
-    from ipa_ops.ledger import read_ledger
-    from ipa_ops.outputs import OutputDir
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.outputs.ledger import read_ledger
 
     out = OutputDir(args.output)
     if not out.fs.exists(out.root):
@@ -214,23 +214,23 @@ def _runs_ls(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from ipa_ops import cluster
-    from ipa_ops.flow import load_flow
+    from ipa_ops.cluster import render as rendering
+    from ipa_ops.flow.spec import load_flow
 
     given = {name: getattr(args, name) for name in _option_names() if getattr(args, name) is not None}
-    opts = cluster.RenderOptions(**given, overrides=args.set)
-    kinds = cluster.KINDS if args.kind == "all" else (args.kind,)
+    opts = rendering.RenderOptions(**given, overrides=args.set)
+    kinds = rendering.KINDS if args.kind == "all" else (args.kind,)
     chunks = []
     for flow_path in args.flows:
         flow = load_flow(flow_path, args.set)
         for kind in kinds:
-            doc = cluster.render(flow, flow_path, kind, opts)
+            doc = rendering.render(flow, flow_path, kind, opts)
             note = _NOTES[kind].replace("{base}", doc["metadata"]["name"])
             header = (
                 f"{doc['kind']} for flow {flow.name!r}, made by `ipa cluster render`; edit the flow, not this file.\n"
                 f"Regenerate: {_command(flow_path, kind, args)}\n{note}"
             )
-            text = cluster.to_yaml(doc, header)
+            text = rendering.to_yaml(doc, header)
             if args.out_dir:
                 path = Path(args.out_dir) / f"{Path(flow_path).stem}.{kind}.yaml"
                 path.parent.mkdir(parents=True, exist_ok=True)

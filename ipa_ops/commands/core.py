@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ipa_ops.errors import UserError
-from ipa_ops.flow import Flow, FlowError, load_flow
+from ipa_ops.flow.spec import Flow, FlowError, load_flow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def flow_problems(flow: Flow) -> list[str]:
     """Everything `ipa validate FLOW` reports beyond the schema: missing models, pre-flight."""
-    from ipa_ops.preflight import check_flow, check_models
+    from ipa_ops.generate.preflight import check_flow, check_models
 
     problems = check_models(flow)
     if not problems:
@@ -58,7 +58,7 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         if args.flow:
             flow = load_flow(args.flow, args.set)
-            from ipa_ops.stages.generate import manifest_problems
+            from ipa_ops.generate.manifest_plan import manifest_problems
 
             problems = manifest_problems(flow, args.file)
         else:

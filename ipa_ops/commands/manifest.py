@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ipa_ops.sweep import sweep_to_manifest
+    from ipa_ops.manifest.sweep import sweep_to_manifest
 
     count = sweep_to_manifest(args.spec, args.out)
     print(f"wrote {count} rows to {args.out}")
@@ -34,7 +34,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ipa_ops.manifest_io import read_manifest, readable_adapters
+    from ipa_ops.manifest.reading import read_manifest, readable_adapters
 
     df = read_manifest(args.file)
     used = [c for c in df.columns if df[c].notna().any() and not (c == "adapters" and not df[c].map(bool).any())]
@@ -50,9 +50,9 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ipa_ops.manifest import read_manifest
-    from ipa_ops.outputs import OutputDir
-    from ipa_ops.report import build_report
+    from ipa_ops.manifest.rows import read_manifest
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.outputs.report import build_report
 
     out = OutputDir(args.output)
     if not out.fs.exists(out.root):

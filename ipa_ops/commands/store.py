@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _open(uri: str) -> Any:
     from ipa_ops.errors import UserError
-    from ipa_ops.store import EmbeddingStore
+    from ipa_ops.store.dataset import EmbeddingStore
 
     store = EmbeddingStore(uri)
     if not store.table().shape[0]:
@@ -62,7 +62,7 @@ def _ls(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ipa_ops.store import StoreError
+    from ipa_ops.store.dataset import StoreError
 
     store = _open(args.store)
     row = store.rows([args.key]).iloc[0]
@@ -100,7 +100,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from ipa_ops.store_import import import_embeddings
+    from ipa_ops.store.imports import import_embeddings
 
     result = import_embeddings(args.file, args.encoder, args.store, layout=args.layout, kind=args.kind)
     print(f"{args.file}: {result['new']} new, {result['stored']} already stored in {args.store}")

@@ -30,13 +30,13 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from ipa_ops.encoders.ids import clip_folder, encoder_id, face_pack_dir
 from ipa_ops.errors import UserError
-from ipa_ops.flow import EncoderSpec, ExtractStage, Flow
-from ipa_ops.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
+from ipa_ops.flow.spec import EncoderSpec, ExtractStage, Flow
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
-from ipa_ops.store import EmbeddingStore, content_key, uncond_key
+from ipa_ops.store.dataset import EmbeddingStore, content_key, uncond_key
+from ipa_ops.store.encoders.ids import clip_folder, encoder_id, face_pack_dir
+from ipa_ops.store.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 4  # images decoded per call: small, so encoders start early and memory stays low
@@ -147,12 +147,12 @@ class EncodeActor:
 
             torch.set_num_threads(self.torch_threads)
         if self.spec.type == "clip":
-            from ipa_ops.encoders.clip import ClipEncoder
+            from ipa_ops.store.encoders.clip import ClipEncoder
 
             folder = clip_folder(self.spec, self.mirror)
             self._encoder = ClipEncoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
         else:
-            from ipa_ops.encoders.face import FaceEncoder
+            from ipa_ops.store.encoders.face import FaceEncoder
 
             pack = face_pack_dir(self.spec, self.mirror)
             self._encoder = FaceEncoder(pack, self.spec.det_size, self.spec.face, gpu=self.gpu)

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from ipa_ops.store import EmbeddingStore, build_table, content_key, now, vector_dims
+from ipa_ops.store.dataset import EmbeddingStore, build_table, content_key, now, vector_dims
 
 log = logging.getLogger(__name__)
 COUNT_FIELDS = ("new", "stored", "failed", "no_face")

@@ -20,20 +20,16 @@ from typing import Any
 import numpy as np
 import ray
 
-from ipa_ops import faceid, loras, payload, tasks
-from ipa_ops.encoders.ids import encoder_id
-from ipa_ops.flow import Flow, GenerateStage
-from ipa_ops.generator import Generator
-from ipa_ops.images import exists
-from ipa_ops.manifest import image_size, read_manifest
-from ipa_ops.manifest_checks import check_rows
-from ipa_ops.outputs import OutputDir, versions
-from ipa_ops.plan import PlanError, RowPlan, plan_row, prepare
-from ipa_ops.preflight import check_adapter, model_dims
-from ipa_ops.report import build_report
-from ipa_ops.sources import fingerprint, resolve
+from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.generate import payload
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest, row_error
+from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.outputs.files import write_outputs
+from ipa_ops.outputs.folder import OutputDir, versions
+from ipa_ops.outputs.report import build_report
 from ipa_ops.stages import gpus_per_actor
-from ipa_ops.store import EmbeddingStore
+from ipa_ops.store.dataset import EmbeddingStore
 
 
 def _pool(size: int) -> ray.data.ActorPoolStrategy:
@@ -57,7 +53,7 @@ class PrepareRows:
             try:
                 data, error = payload.to_bytes(prepare(plan, self.store)), ""
             except Exception as exc:  # noqa: BLE001 - one unreadable input fails its row only
-                data, error = b"", _line(exc, plan.id)
+                data, error = b"", row_error(exc, plan.id)
             out["plan"].append(text)
             out["payload"].append(data)
             out["error"].append(error)
@@ -102,14 +98,9 @@ def _npy(image: np.ndarray | None) -> bytes:
     return buf.getvalue()
 
 
-def _line(exc: BaseException, row_id: str) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if text.startswith("row ") else f"row {row_id}: {text}"
-
-
 class CommitImages:
     """CPU stage: encode and write each row's files atomically: images/<row_key>.png, or for a video
-    images/<row_key>.gif and its frames (tasks.write_outputs); `output` is their JSON list."""
+    images/<row_key>.gif and its frames (outputs/files.py); `output` is their JSON list."""
 
     def __init__(self, output_uri: str):
         self.out = OutputDir(output_uri)
@@ -122,7 +113,7 @@ class CommitImages:
                 written.append("[]")
                 continue
             array = np.load(io.BytesIO(data), allow_pickle=False)
-            written.append(json.dumps(tasks.write_outputs(self.out, plan.row_key, array)))
+            written.append(json.dumps(write_outputs(self.out, plan.row_key, array)))
         return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(written, dtype=object)}
 
 
@@ -145,65 +136,6 @@ def _result(
         **plan.report,
     }
     return row
-
-
-def _fingerprints(flow: Flow, stage: GenerateStage) -> dict[str, str]:
-    mirror = flow.mirror_root()
-    found = {}
-    for alias, spec in flow.models.items():
-        found[alias] = fingerprint(resolve(spec.source, spec.subfolder, None, mirror, f"model {alias!r}").folder)
-    for alias, spec in flow.adapters.items():
-        file = resolve(spec.source, spec.subfolder, spec.weight_name, mirror, f"adapter {alias!r}").file
-        found[f"adapter:{alias}"] = fingerprint(file)
-    return {**found, **loras.fingerprints(flow), **tasks.component_fingerprints(flow)}
-
-
-def plan_manifest(flow: Flow, stage: GenerateStage, manifest: str | None = None) -> tuple[list[RowPlan], list[dict]]:
-    """Check and plan every row; returns (plans, error results for rows that cannot run)."""
-    df = read_manifest(manifest or stage.manifest)
-    store = EmbeddingStore(stage.store) if stage.store else None
-    usable = usable_keys(store)
-    rows, problems = check_rows(df, flow, stage, exists=exists, store_has=usable.__contains__, image_size=image_size)
-    model = (stage.model, flow.models[stage.model])
-    others = tuple((a, m) for a, m in flow.models.items() if a != stage.model)  # an adapter may fit any model
-    facts, failed = {}, []
-    for alias, spec in flow.adapters.items():
-        found, issues = check_adapter(alias, spec, flow, model, others)
-        if found is not None and not issues:
-            facts[alias] = found
-        failed += issues
-    encoder_ids = {a: encoder_id(a, e, flow.mirror_root()) for a, e in flow.encoders.items()}
-    prints = _fingerprints(flow, stage)
-    dims, faces = {a: model_dims(flow, a) for a in flow.models}, faceid.FaceLookup(store)
-    plans, errors = [], []
-    by_row: dict[str, list[str]] = {}
-    for problem in problems:  # one error result per row, its problems on one line
-        by_row.setdefault(problem.row_id, []).append(str(problem))
-    errors += [{"id": rid, "error": "; ".join(lines)} for rid, lines in by_row.items()]
-    for row in rows:
-        try:
-            plans.append(plan_row(row, flow, stage, facts, encoder_ids, prints, usable, dims, faces))
-        except faceid.RowSkipped as exc:  # its no-face fallback says skip: a `skipped` results row
-            errors.append({"id": row.id, "error": _line(exc, row.id), "status": "skipped"})
-        except (PlanError, OSError, ValueError) as exc:
-            errors.append({"id": row.id, "error": _line(exc, row.id)})
-    return plans, errors
-
-
-def usable_keys(store: EmbeddingStore | None) -> set[str]:
-    """Store keys whose embedding can condition a row (status ok)."""
-    if store is None or not store.keys():
-        return set()
-    rows = store.rows(sorted(store.keys()))
-    return set(rows.loc[rows["status"] == "ok", "key"])
-
-
-def manifest_problems(flow: Flow, manifest: str) -> list[str]:
-    """`ipa validate MANIFEST --flow FLOW`: every row problem, one line each."""
-    if flow.stages.generate is None:
-        return ["stages.generate: the flow has no generate stage to check a manifest against"]
-    _, errors = plan_manifest(flow, flow.stages.generate, manifest)
-    return [e["error"] for e in errors if e.get("status") != "skipped"]
 
 
 def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorActor) -> dict[str, Any]:

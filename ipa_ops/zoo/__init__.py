@@ -106,7 +106,7 @@ def _lcm_lora(path: Path, sizes: ZooSizes) -> None:
 
 
 def _faces(path: Path, sizes: ZooSizes) -> None:
-    from .faces import build_face_pack
+    from .face_graphs import build_face_pack
 
     build_face_pack(path)
 

@@ -12,18 +12,20 @@ landmarks follow from the blob's centroid and area, so all anchors that see the 
 predict the same box and NMS keeps one face.
 
 ``recognizer_model`` is an ArcFace-shaped embedder: two random strided convolutions and a
-random linear layer, 112x112 aligned crop in, 512 floats out.
+random linear layer, 112x112 aligned crop in, 512 floats out. ``build_face_pack`` writes both.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .faces import KPS_UNIT
+from .common import seed_for
+from .faces import DETECTOR_FILE, KPS_UNIT, PACK_DIR, RECOGNIZER_FILE, draw_face
 
 OPSET = 17
 IR_VERSION = 8
@@ -237,3 +239,12 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     )
     onnx.checker.check_model(model)
     return model
+
+
+def build_face_pack(path: Path) -> None:
+    """Write ``det_10g.onnx`` and ``w600k_r50.onnx`` (same graphs for every zoo size)."""
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(detector_model(), str(path / DETECTOR_FILE))
+    crops = np.stack([np.asarray(draw_face((112, 112), (56, 56), 56, seed=1000 + i)) for i in range(32)])
+    model = recognizer_model(seed_for(f"{PACK_DIR}/{RECOGNIZER_FILE}"), crops)
+    onnx.save(model, str(path / RECOGNIZER_FILE))

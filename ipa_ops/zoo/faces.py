@@ -44,8 +44,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .common import seed_for
-
 PACK = "buffalo_l"
 PACK_DIR = f"insightface/models/{PACK}"  # relative to the mirror root
 DETECTOR_FILE = "det_10g.onnx"
@@ -69,19 +67,6 @@ def face_analysis_kwargs(mirror: str | Path) -> dict[str, object]:
         "allowed_modules": ["detection", "recognition"],
         "providers": ["CPUExecutionProvider"],
     }
-
-
-def build_face_pack(path: Path) -> None:
-    """Write ``det_10g.onnx`` and ``w600k_r50.onnx`` (same graphs for every zoo size)."""
-    import onnx
-
-    from .face_graphs import detector_model, recognizer_model
-
-    path.mkdir(parents=True, exist_ok=True)
-    onnx.save(detector_model(), str(path / DETECTOR_FILE))
-    crops = np.stack([np.asarray(draw_face((112, 112), (56, 56), 56, seed=1000 + i)) for i in range(32)])
-    model = recognizer_model(seed_for(f"{PACK_DIR}/{RECOGNIZER_FILE}"), crops)
-    onnx.save(model, str(path / RECOGNIZER_FILE))
 
 
 def _colour(rng: np.random.Generator, value: float = 1.0) -> tuple[int, int, int]:

@@ -1,1 +1,0 @@
-"""Embedding encoders: CLIP image encoders and InsightFace face analysis."""

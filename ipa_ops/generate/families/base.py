@@ -1,0 +1,106 @@
+"""The model-family interface: what differs between base models, behind one small protocol.
+
+A family knows, for the base models it claims: which folders are its own and what pre-flight
+reads from them (configs only), how the base pipeline loads, which attention processors become
+the batched IP attention and how those layers are named and counted, the presets that address
+them, and how a pipeline call is assembled (guidance, prompts, the IP embeddings' layout).
+Everything else (rows, schedules over steps, tasks, faces, outputs) is the same for every family.
+Adding a family is adding a module that implements this and registering it in `__init__`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ipa_ops.flow.schedules import ScheduleSpec, step_profile
+from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.checkpoints import AdapterFacts
+
+
+class ModelFamily(Protocol):
+    """One family of base models (SD1.5, SDXL, ...); implementations are stateless singletons."""
+
+    name: str  # the family's short name, as presets and docs say it (`sd15`, `sdxl`)
+    presets: Mapping[str, Mapping[str, Any]]  # PRESET_NAMES -> layer dict in `expand_layers`' form
+
+    def claims(self, folder: Path) -> bool:
+        """Whether a base-model folder (a diffusers pipeline folder) is of this family, from its configs."""
+        ...
+
+    def ip_dims(self, folder: Path) -> tuple[int, int]:
+        """(cross-attention dim, number of IP layers) an adapter must match, from the folder's configs."""
+        ...
+
+    def adapter_facts(self, shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None:
+        """An IP-Adapter checkpoint's facts from its tensor shapes, or None when not in this family's layout."""
+        ...
+
+    def load(self, folder: Path, dtype: torch.dtype, variant: str | None) -> Any:
+        """The base text-to-image pipeline, progress bar off."""
+        ...
+
+    def cross_attention_dim(self, pipe: Any) -> int:
+        """What an adapter's cross-attention dim must equal to be loaded into `pipe`."""
+        ...
+
+    def install_attention(self, pipe: Any) -> list[str]:
+        """Swap diffusers' IP processors for batched ones; the IP layer names in the adapters' order."""
+        ...
+
+    def bind_attention(self, pipe: Any, state: IPBatchState | None) -> None:
+        """Point `pipe`'s batched IP layers at one call's per-row state (None: they add nothing)."""
+        ...
+
+    def compile(self, pipe: Any) -> None:
+        """Regional torch.compile of the denoiser's repeated blocks."""
+        ...
+
+    def dtype(self, pipe: Any) -> torch.dtype:
+        """The denoiser's dtype, which the IP embeddings are cast to."""
+        ...
+
+    def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
+        """Whether the pipeline runs classifier-free guidance (an unconditional half) at this scale."""
+        ...
+
+    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
+        """The call's prompt arguments; rows without negative prompts use the pipeline's own default."""
+        ...
+
+    def ip_call(
+        self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool
+    ) -> dict[str, Any]:
+        """The call's IP-Adapter arguments from per-adapter [rows, ...] embeddings, taken as given.
+
+        diffusers repeats precomputed embeddings over the batch (one reference for every prompt);
+        a family makes its pipeline pass per-row embeddings through unchanged until `end_call`.
+        """
+        ...
+
+    def end_call(self, pipe: Any) -> None:
+        """Undo what `ip_call` did to the pipeline, so the next call starts clean."""
+        ...
+
+    def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
+        """A per-block scale dict as one value per IP layer, as diffusers' `set_ip_adapter_scale` reads it."""
+        ...
+
+
+def layer_profile(family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_names: Sequence[str]) -> np.ndarray:
+    """The per-layer multiplier of a schedule for a pipeline's IP layers (processor names, in order)."""
+    blocks = family.presets[spec.preset] if spec.preset is not None else spec.layers
+    if blocks is None:
+        return np.ones(len(layer_names))
+    return np.asarray(family.expand_layers(pipe, blocks, layer_names))
+
+
+def effective(
+    family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_names: Sequence[str], num_steps: int
+) -> np.ndarray:
+    """The [layers, steps] scale array of one adapter of one row."""
+    return spec.value * np.outer(layer_profile(family, spec, pipe, layer_names), step_profile(spec, num_steps))

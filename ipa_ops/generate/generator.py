@@ -1,0 +1,277 @@
+"""The in-process generation core: resolved rows in, images out. No Ray here.
+
+A `Generator` loads each base pipeline once with every IP-Adapter of the flow that fits it,
+swaps in the batched IP attention, and runs rows that share a `group_key` (what one UNet batch
+must share) as one diffusers pipeline call. Everything else varies per row: prompts, seeds,
+references, masks and schedules ride in the per-sample `IPBatchState`. Because each row has
+its own seeded torch.Generator, a row's image does not depend on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ipa_ops.flow.schedules import ScheduleSpec, schedule_hash, step_profile
+from ipa_ops.flow.sources import resolve
+from ipa_ops.flow.spec import AdapterSpec, Flow, ModelSpec
+from ipa_ops.generate import attention, faceid, loras, tasks
+from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.contract import RowOutput, RowRequest
+from ipa_ops.generate.families import adapter_facts, family_of
+from ipa_ops.generate.families.base import ModelFamily, effective, layer_profile
+from ipa_ops.generate.loaded import LoadedModel
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Generator:
+    """Runs RowRequests on loaded pipelines; keeps models loaded across batches."""
+
+    def __init__(self, flow: Flow, device: str | None = None, batch_size: int = 8, cache_kv: bool = True):
+        self.flow = flow
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.cache_kv = cache_kv
+        self.models: dict[str, LoadedModel] = {}
+        self.worker = f"{socket.gethostname()}:{self.device}"
+        self.stats = {"calls": 0, "batch_failures": 0}  # a failed batch is retried row by row
+
+    # -- loading -------------------------------------------------------------------------
+    def dtype(self, spec: ModelSpec) -> torch.dtype:
+        return torch.float32 if self.device == "cpu" else getattr(torch, spec.dtype)
+
+    def load(self, alias: str) -> LoadedModel:
+        """Load a base pipeline and every flow adapter built for it (once per model)."""
+        if alias in self.models:
+            return self.models[alias]
+        spec = self.flow.models[alias]
+        same = [a for a in self.models if _base(self.flow.models[a]) == _base(spec)]
+        if same:  # another alias of the same base (e.g. with another controlnet): share it
+            self.models[alias] = self.models[same[0]]
+            return self.models[alias]
+        mirror = self.flow.mirror_root()
+        folder = resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}").folder
+        family = family_of(Path(folder))
+        pipe = family.load(Path(folder), self.dtype(spec), spec.variant)
+        self.models[alias] = self.equip(pipe, family, compile=spec.compile)
+        return self.models[alias]
+
+    def equip(
+        self, pipe: Any, family: ModelFamily, compile: bool = False, text_encoder_loras: bool = True
+    ) -> LoadedModel:
+        """Load every flow adapter that fits `pipe` (then the flow's LoRAs), and install the batched attention.
+
+        Used for base pipelines and for pipelines with their own UNet (video); `text_encoder_loras=False`
+        when the text encoder is shared with a base that already has the LoRAs.
+        """
+        cross = family.cross_attention_dim(pipe)
+        aliases, facts, files = [], [], []
+        for a_alias, a_spec in self.flow.adapters.items():
+            file = self._adapter_file(a_alias, a_spec)
+            found = adapter_facts(file)
+            if found.cross_attention_dim == cross:
+                aliases.append(a_alias)
+                facts.append(found)
+                files.append(file)
+        if files:
+            pipe.load_ip_adapter(
+                [str(f.parent) for f in files],
+                subfolder=[""] * len(files),
+                weight_name=[f.name for f in files],
+                image_encoder_folder=None,
+            )
+        loras.load(pipe, self.flow, text_encoder=text_encoder_loras)  # after the IP-Adapters, as the guide does
+        pipe.to(self.device)
+        names = family.install_attention(pipe) if files else []
+        if compile:
+            family.compile(pipe)
+        loaded = LoadedModel(pipe, family, aliases, facts, names)
+        loaded.faces = faceid.after_load(pipe, aliases, facts, self.flow)
+        return loaded
+
+    def _adapter_file(self, alias: str, spec: AdapterSpec) -> Any:
+        found = resolve(spec.source, spec.subfolder, spec.weight_name, self.flow.mirror_root(), f"adapter {alias!r}")
+        return found.file
+
+    def task_pipe(self, loaded: LoadedModel, task: str, scheduler: str | None, model: str | None = None) -> Any:
+        """The pipeline for a task, sharing the base components (`from_pipe`, no second load; tasks.py)."""
+        pipe = tasks.task_pipe(loaded, task, model, self.flow, self.device)
+        options = self.flow.models[model].scheduler_options if model in self.flow.models else {}
+        pipe.scheduler = tasks.scheduler(loaded, scheduler, options)
+        return pipe
+
+    # -- running -------------------------------------------------------------------------
+    def generate(self, rows: list[RowRequest]) -> list[RowOutput]:
+        """Run rows in batches of `batch_size` rows that share a group key; order is kept."""
+        by_group: dict[tuple, list[int]] = {}
+        outputs: list[RowOutput | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            problem = self.adapter_problem(row)
+            if problem:  # fails alone, before it can fail a batch
+                outputs[i] = RowOutput(row.id, error=problem, worker=self.worker)
+                continue
+            faces = self.models[row.model].faces if row.model in self.models else None
+            by_group.setdefault((row.group_key(), faceid.lora_key(faces, row)), []).append(i)
+        for indices in by_group.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk]), strict=True):
+                    outputs[i] = out
+        return [o for o in outputs if o is not None]
+
+    def adapter_problem(self, row: RowRequest) -> str:
+        """A row naming an adapter that is not loaded for its model (built for another base model)."""
+        try:
+            loaded = self.load(row.model)
+        except Exception:  # noqa: BLE001 - a model that cannot load fails its rows in run_batch, with its error
+            return ""
+        foreign = [x.alias for x in row.adapters if x.alias not in loaded.adapters]
+        if not foreign:
+            return ""
+        return (
+            f"row {row.id}: adapters: {', '.join(map(repr, foreign))} not loaded for model {row.model!r} (built "
+            f"for another cross-attention dim); use adapters made for {row.model!r} or set the row's model"
+        )
+
+    def run_batch(self, rows: list[RowRequest]) -> list[RowOutput]:
+        """One pipeline call; if it fails, each row is retried alone so one bad row fails alone."""
+        start = time.perf_counter()
+        try:
+            images, hashes = self._call(rows)
+        except Exception as exc:  # noqa: BLE001 - a batch failure must not lose the other rows
+            self.stats["batch_failures"] += 1
+            if len(rows) == 1:
+                return [RowOutput(rows[0].id, error=_one_line(exc), worker=self.worker)]
+            return [out for row in rows for out in self.run_batch([row])]
+        seconds = (time.perf_counter() - start) / len(rows)
+        return [
+            RowOutput(row.id, image=img, seconds=seconds, worker=self.worker, schedule_hashes=h)
+            for row, img, h in zip(rows, images, hashes, strict=True)
+        ]
+
+    def _call(self, rows: list[RowRequest]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+        first = rows[0]
+        # video: the AnimateDiff model, equipped like a base model
+        loaded = tasks.model_for(self.load(first.model), first, self.flow, self.equip)
+        pipe = self.task_pipe(loaded, first.task, first.scheduler, first.model)
+        family = loaded.family
+        do_cfg = family.uses_cfg(pipe, first.guidance_scale)
+        kwargs: dict[str, Any] = dict(
+            **family.prompt_kwargs([r.prompt for r in rows], [r.negative_prompt for r in rows], do_cfg),
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
+            output_type="np",
+            **tasks.call_kwargs(rows),
+        )
+        state = None
+        if loaded.adapters:
+            state, positives, negatives = self._ip_state(loaded, pipe, rows)
+            tasks.spread_over_frames(state, first)
+            kwargs.update(family.ip_call(pipe, positives, negatives, do_cfg))
+            kwargs.update(callback_on_step_end=attention.StepCounter(state))
+        family.bind_attention(pipe, state)
+        faceid.bind(loaded.faces, loaded.adapters, rows, do_cfg, self.device)  # FaceID LoRAs, per-row clip_embeds
+        try:
+            self.stats["calls"] += 1
+            result = tasks.outputs(pipe(**kwargs))
+        finally:
+            family.bind_attention(pipe, None)
+            family.end_call(pipe)
+            faceid.unbind(loaded.faces)
+        hashes = [self._schedule_hashes(loaded, pipe, row) for row in rows]
+        return result, hashes
+
+    def _ip_state(
+        self, loaded: LoadedModel, pipe: Any, rows: list[RowRequest]
+    ) -> tuple[attention.IPBatchState, list[torch.Tensor], list[torch.Tensor]]:
+        """Pad each adapter's images across rows and build the per-sample state; per-adapter [rows, ...]
+        positive and negative embeddings, on the device in the denoiser's dtype."""
+        n_rows, n_adapters, n_layers = len(rows), len(loaded.adapters), len(loaded.layer_names)
+        layer_scales = torch.zeros(n_rows, n_adapters, n_layers)
+        specs: list[list[ScheduleSpec | None]] = [[None] * n_adapters for _ in rows]
+        positives, negatives, valid, masks = [], [], [], []
+        masked = torch.zeros(n_rows, n_adapters, dtype=torch.bool)
+        family = loaded.family
+        dtype = family.dtype(pipe)
+        for a, alias in enumerate(loaded.adapters):
+            inputs = [next((x for x in r.adapters if x.alias == alias), None) for r in rows]
+            used = [x for x in inputs if x is not None]
+            item_shape = used[0].embeds.shape[1:] if used else _empty_shape(loaded.facts[a])
+            n_max = max([x.embeds.shape[0] for x in used] or [1])
+            pos = torch.zeros((n_rows, n_max, *item_shape))
+            neg = torch.zeros_like(pos)
+            ok = torch.zeros(n_rows, n_max, dtype=torch.bool)
+            region = None
+            if any(x.masks is not None for x in used):
+                region = torch.zeros(n_rows, n_max, rows[0].height, rows[0].width)
+            for b, x in enumerate(inputs):
+                if x is None:
+                    ok[b, 0] = True  # attend to a zero slot; the row's scale is 0 anyway
+                    continue
+                n = x.embeds.shape[0]
+                pos[b, :n], neg[b, :n], ok[b, :n] = x.embeds, x.negative, True
+                specs[b][a] = x.schedule
+                layer_scales[b, a] = torch.as_tensor(
+                    x.schedule.value * layer_profile(family, x.schedule, pipe, loaded.layer_names)
+                )
+                if x.masks is not None and region is not None:
+                    region[b, :n] = x.masks
+                    masked[b, a] = True
+            positives.append(pos.to(self.device, dtype))
+            negatives.append(neg.to(self.device, dtype))
+            valid.append(ok)
+            masks.append(region)
+
+        def resolve_steps(num_steps: int) -> torch.Tensor:
+            out = torch.zeros(n_rows, n_adapters, num_steps)
+            for b in range(n_rows):
+                for a in range(n_adapters):
+                    if specs[b][a] is not None:
+                        out[b, a] = torch.as_tensor(step_profile(specs[b][a], num_steps))
+            return out
+
+        state = attention.IPBatchState(
+            layer_scales=layer_scales,
+            token_valid=valid,
+            masks=masks,
+            masked=masked,
+            cache_kv=self.cache_kv,
+            resolve_steps=resolve_steps,
+            num_steps=lambda: pipe.num_timesteps,
+        )
+        return state, positives, negatives
+
+    def _schedule_hashes(self, loaded: LoadedModel, pipe: Any, row: RowRequest) -> dict[str, str]:
+        """Hash of each adapter's effective [layers, steps] schedule, for provenance."""
+        steps = pipe.num_timesteps
+        return {
+            x.alias: schedule_hash(effective(loaded.family, x.schedule, pipe, loaded.layer_names, steps))
+            for x in row.adapters
+            if x.alias in loaded.adapters
+        }
+
+
+def _base(spec: ModelSpec) -> tuple:
+    """What makes two model aliases the same loaded base pipeline."""
+    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile)
+
+
+def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:
+    """Input shape of one zero image for an adapter no row of the batch uses."""
+    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image
+        return (facts.face_dim,)
+    return (1, facts.image_dim) if facts.needs_hidden_states else (facts.image_dim,)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]

@@ -1,0 +1,261 @@
+"""From a checked manifest row to a keyed plan, and from a plan to a RowRequest.
+
+Planning is cheap and runs on the driver: it resolves every reference to a store key, computes
+the row key (a hash of everything that decides the image) and so decides what is already done.
+Preparing reads the bytes (embeddings, masks, init images) and runs in Ray CPU tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from ipa_ops.flow.face_encoders import face_encoder_alias
+from ipa_ops.flow.schedules import parse_schedule
+from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.generate import conditioning, faceid, loras, tasks
+from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.outputs.folder import row_key
+from ipa_ops.store.dataset import EmbeddingStore, content_key
+from ipa_ops.store.images import read_image, sha256_of
+
+_STORE_KEY = re.compile(r"^[0-9a-f]{64}/.+$")
+
+
+class PlanError(ValueError):
+    """A row that cannot be planned; the message names the row id and field."""
+
+
+@dataclass
+class AdapterPlan:
+    alias: str
+    field: str  # store column: image_embeds or hidden_states
+    encoder: str  # encoder id
+    keys: list[str]
+    negative_keys: list[str]
+    masks: list[str]
+    combine: str
+    scale: Any
+    mask_fit: str | None = None
+    soft_masks: bool = False
+    face: dict[str, Any] | None = None  # FaceID-Plus: crop keys, their clip encoder, shortcut scale (faceid.py)
+
+
+@dataclass
+class RowPlan:
+    """Everything needed to prepare one row, JSON-able so it can travel through Ray Data."""
+
+    id: str
+    row_key: str
+    request: dict[str, Any]  # RowRequest fields other than adapters and images
+    init_image: str | None
+    mask_image: str | None
+    adapters: list[AdapterPlan] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    control_image: str | None = None  # controlnet rows
+
+    def group_key(self) -> tuple:
+        return RowRequest(**self.request).group_key()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> RowPlan:
+        data = json.loads(text)
+        data["adapters"] = [AdapterPlan(**a) for a in data["adapters"]]
+        return RowPlan(**data)
+
+
+@lru_cache(maxsize=100_000)
+def _sha(uri: str) -> str:
+    return sha256_of(uri)
+
+
+def reference_key(ref: str, encoder: str) -> str:
+    """A manifest reference (a store key or an image URI) as the store key for this encoder."""
+    return ref if _STORE_KEY.match(ref) else content_key(_sha(ref), encoder)
+
+
+def face_key(ref: str, face_encoder: str) -> str:
+    """The face row of a reference: a store key of any encoder names its image by its sha256 part."""
+    sha = ref.split("/", 1)[0] if _STORE_KEY.match(ref) else _sha(ref)
+    return content_key(sha, face_encoder)
+
+
+def plan_row(
+    row: Any,
+    flow: Flow,
+    stage: GenerateStage,
+    facts: dict[str, AdapterFacts],
+    encoder_ids: dict[str, str],
+    fingerprints: dict[str, str],
+    usable: set[str],
+    models: dict[str, tuple[int, int] | None] | None = None,
+    faces: faceid.FaceLookup | None = None,
+) -> RowPlan:
+    """Resolve one checked ManifestRow; raise PlanError naming the row and field.
+
+    `models` gives each model's (cross-attention dim, IP layers), to check every adapter against the
+    row's own model; `faces` reads face rows of the store for adapters fed faces (faceid.py), which
+    may also raise `faceid.RowSkipped` (the row's no-face fallback is `skip`).
+    """
+    rid = row.id
+    request = dict(
+        id=rid,
+        prompt=row.prompt,
+        seed=int(row.seed),
+        model=row.model or stage.model,
+        negative_prompt=row.negative_prompt or "",
+        task=row.task,
+        width=int(row.width),
+        height=int(row.height),
+        steps=int(row.steps),
+        guidance_scale=float(row.guidance_scale),
+        strength=float(row.strength),
+        scheduler=getattr(row, "scheduler", None) or flow.models[row.model or stage.model].scheduler,
+    )
+    request.update(tasks.request_fields(row, flow, request["model"]))  # controlnet_scale, num_frames: their tasks
+    adapters: list[AdapterPlan] = []
+    dropped: dict[str, str] = {}
+    face_ctx = faceid.FaceContext(flow, encoder_ids, faces or faceid.FaceLookup(None), usable)
+    for i, ref in enumerate(row.adapters or []):
+        where = f"row {rid}: adapters[{i}]"
+        if ref.adapter not in facts:
+            raise PlanError(f"{where}.adapter: adapter {ref.adapter!r} failed pre-flight or is not for this model")
+        _check_model(where, ref.adapter, facts[ref.adapter], request["model"], models, flow)
+        spec = flow.adapters[ref.adapter]
+        encoder = encoder_ids.get(spec.encoder or "")
+        if encoder is None:
+            raise PlanError(f"{where}.adapter: adapter {ref.adapter!r} has no encoder to read embeddings from")
+        keys = [reference_key(u, encoder) for u in ref.images]
+        face_alias = spec.encoder if facts[ref.adapter].needs_face else face_encoder_alias(flow, spec)
+        face_keys = [face_key(u, encoder_ids[face_alias]) for u in ref.images] if face_alias else keys
+        face = faceid.face_refs(where, ref, ref.adapter, facts[ref.adapter], face_keys, face_ctx)
+        if face is not None and face.dropped:
+            dropped[ref.adapter] = face.dropped
+            continue
+        keys = face.keys if face is not None else keys
+        negs = [reference_key(u, encoder) for u in (ref.negative_images or [])]
+        for kind, refs, found in (("images", ref.images, keys), ("negative_images", ref.negative_images or [], negs)):
+            for j, (uri, key) in enumerate(zip(refs, found, strict=True)):
+                if key not in usable:
+                    raise PlanError(
+                        f"{where}.{kind}[{j}]: {uri} has no {spec.encoder} embedding in store {stage.store}; run "
+                        f"`ipa run FLOW --stage extract` over it (or set stages.generate.encode_missing: true)"
+                    )
+        scale = ref.scale if ref.scale not in (None, "") else spec.scale
+        try:
+            parse_schedule(scale)
+        except ValueError as exc:
+            raise PlanError(f"{where}.scale: {exc}") from None
+        needs_hidden = facts[ref.adapter].needs_hidden_states and not facts[ref.adapter].needs_face
+        field_name = "hidden_states" if needs_hidden else "image_embeds"
+        adapters.append(
+            AdapterPlan(
+                alias=ref.adapter,
+                field=field_name,
+                encoder=encoder,
+                keys=keys,
+                negative_keys=negs,
+                masks=list(ref.masks or []),
+                combine=ref.combine or "concat",
+                scale=scale,
+                mask_fit=getattr(ref, "mask_fit", None),
+                soft_masks=bool(getattr(ref, "soft_masks", False)),
+                face=face.plus if face is not None else None,
+            )
+        )
+    init = getattr(row, "init_image", None) or None
+    mask = getattr(row, "mask_image", None) or None
+    control = (getattr(row, "control_image", None) or None) if row.task == "controlnet" else None
+    extra = tasks.identity(request, flow, fingerprints, _sha(control) if control else None)
+    if flow.loras:
+        extra["loras"] = loras.identity(flow, fingerprints)
+    identity = {
+        **{k: v for k, v in request.items() if k != "id"},
+        "model_fingerprint": fingerprints[request["model"]],
+        "adapters": [
+            {
+                **{k: v for k, v in asdict(a).items() if not (k == "face" and v is None)},  # old keys stay
+                "fingerprint": fingerprints[f"adapter:{a.alias}"],
+                "masks": [_sha(m) for m in a.masks],
+                "scale": json.dumps(a.scale, sort_keys=True),
+            }
+            for a in adapters
+        ],
+        "init_image": _sha(init) if init else None,
+        "mask_image": _sha(mask) if mask else None,
+        "loras": {},
+        **extra,  # controlnet / motion adapter / scheduler options / LoRA fingerprints and weights
+    }
+    if request["task"] not in ("img2img", "inpaint"):
+        identity.pop("strength")
+    if dropped:
+        identity["dropped_adapters"] = sorted(dropped)
+    provenance = {
+        "model_fingerprint": fingerprints[request["model"]],
+        "adapter_fingerprints": {a.alias: fingerprints[f"adapter:{a.alias}"] for a in adapters},
+        "embedding_keys": [k for a in adapters for k in a.keys + a.negative_keys + (a.face or {}).get("clip_keys", [])],
+        **({"dropped_adapters": dropped} if dropped else {}),
+        **extra,
+    }
+    report = row.result_fields()
+    return RowPlan(rid, row_key(identity), request, init, mask, adapters, provenance, report, control)
+
+
+def _check_model(
+    where: str, alias: str, facts: AdapterFacts, model: str, models: dict[str, Any] | None, flow: Flow
+) -> None:
+    """An adapter must be built for the row's own model (a flow may mix SD1.5 and SDXL models)."""
+    dims = (models or {}).get(model)
+    if dims is None or dims == (facts.cross_attention_dim, facts.ip_layers):
+        return
+    fits = [m for m, d in (models or {}).items() if d == (facts.cross_attention_dim, facts.ip_layers)]
+    hint = f"set the row's model to {' or '.join(map(repr, fits))}" if fits else "pick an adapter made for it"
+    raise PlanError(
+        f"{where}.adapter: adapter {alias!r} ({flow.adapters[alias].weight_name}) is built for cross-attention dim "
+        f"{facts.cross_attention_dim} with {facts.ip_layers} IP layers, but the row's model {model!r} has {dims[0]} "
+        f"with {dims[1]}; {hint}"
+    )
+
+
+def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_000_000) -> RowRequest:
+    """Read what a plan points at (embeddings, masks, images) into a RowRequest."""
+    req = RowRequest(**plan.request)
+    w, h = req.width, req.height
+    if plan.init_image:
+        req.init_image = read_image(plan.init_image, max_pixels)[0].resize((w, h))
+    if plan.mask_image:
+        req.mask_image = read_image(plan.mask_image, max_pixels, mode="L")[0].resize((w, h))
+    if plan.control_image:  # not resized here: the ControlNet pipeline resizes it as diffusers users get it
+        req.control_image = read_image(plan.control_image, max_pixels)[0]
+    for i, a in enumerate(plan.adapters):
+        assert store is not None
+        embeds = torch.stack(store.get(a.keys, field=a.field))
+        given = torch.stack(store.get(a.negative_keys, field=a.field)) if a.negative_keys else None
+        combined = conditioning.combine(embeds, a.combine)
+        negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
+        masks = None
+        if a.masks:
+            images = []
+            for j, uri in enumerate(a.masks):
+                mask = read_image(uri, max_pixels, mode="L")[0]
+                if a.mask_fit is None and conditioning.aspect_mismatch(mask.size, w, h):
+                    raise PlanError(
+                        f"row {plan.id}: adapters[{i}].masks[{j}]: {uri} is {mask.size[0]}x{mask.size[1]}, "
+                        f"not the aspect ratio of {w}x{h}; resize it or set mask_fit: pad or crop"
+                    )
+                images.append(conditioning.fit_mask(mask, w, h, a.mask_fit))
+            masks = conditioning.preprocess_masks(images, w, h, soft=a.soft_masks)
+        req.adapters.append(AdapterInput(a.alias, combined, negative, parse_schedule(a.scale), masks))
+        if a.face is not None:
+            faceid.attach(req.adapters[-1], a.face, a.combine, store)
+    return req

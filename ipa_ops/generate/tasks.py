@@ -1,0 +1,206 @@
+"""Task pipelines and what each task adds to a row: text2img, img2img, inpaint, controlnet, video.
+
+The base pipeline of a model loads once (`Generator.load`). Every other task is made from it the
+way diffusers documents, sharing its components instead of loading them again:
+
+- img2img / inpaint: `AutoPipelineForImage2Image/Inpainting.from_pipe(base)`;
+- controlnet: `AutoPipelineForText2Image.from_pipe(base, controlnet=ControlNetModel.from_pretrained(...))`
+  (the model's `controlnet:` alias names the ControlNet), so the IP-Adapter attention and the
+  LoRAs of the base UNet serve ControlNet rows too;
+- video: `AnimateDiffPipeline.from_pipe(base, motion_adapter=..., unet=<the base UNet's weights>)`.
+  AnimateDiff needs its own `UNetMotionModel` (diffusers builds it from a plain UNet2D with
+  `from_unet2d`), so the video pipeline gets a clean copy of the UNet weights, and then the
+  IP-Adapters and LoRAs are loaded into it as the guide does (`load_ip_adapter` on the
+  AnimateDiff pipeline); text encoder, VAE and tokenizer stay shared with the base.
+
+The rest of this module is what differs per task around the one pipeline call: the call's
+arguments, spreading per-row IP state over video frames, reading the result, and what a task
+adds to a row's plan and key. Writing a row's files is `outputs/files.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ipa_ops.flow.sources import fingerprint, resolve
+from ipa_ops.flow.spec import SCHEDULERS, Flow, ModelSpec
+from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.loaded import LoadedModel
+
+Equip = Callable[..., LoadedModel]  # Generator.equip: loads the flow's adapters and LoRAs into a pipeline
+
+
+# -- pipelines ---------------------------------------------------------------------------
+def model_for(loaded: LoadedModel, row: RowRequest, flow: Flow, equip: Equip) -> LoadedModel:
+    """The loaded model a row runs on: the base one, or for video its AnimateDiff counterpart."""
+    if row.task != "video":
+        return loaded
+    spec = flow.models[row.model]
+    if spec.motion_adapter is None:
+        raise ValueError(f"model {row.model!r} has no motion adapter; set models.{row.model}.motion_adapter")
+    key = f"video:{spec.motion_adapter}"
+    if key not in loaded.task_pipes:
+        loaded.task_pipes[key] = _video_model(loaded, spec, flow, equip)
+    return loaded.task_pipes[key]
+
+
+def _video_model(loaded: LoadedModel, spec: ModelSpec, flow: Flow, equip: Equip) -> LoadedModel:
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
+
+    mirror, dtype = flow.mirror_root(), loaded.pipe.unet.dtype
+    motion = flow.motion_adapters[spec.motion_adapter or ""]
+    where = resolve(motion.source, motion.subfolder, None, mirror, f"motion adapter {spec.motion_adapter!r}")
+    adapter = MotionAdapter.from_pretrained(where.folder, variant=motion.variant, dtype=dtype)
+    base = resolve(spec.source, spec.subfolder, None, mirror, f"model {spec.source!r}").folder
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=spec.variant, dtype=dtype)
+    pipe = AnimateDiffPipeline.from_pipe(loaded.pipe, motion_adapter=adapter, unet=unet, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    video = equip(pipe, loaded.family, text_encoder_loras=False)
+    video.schedulers[None] = loaded.schedulers[None]  # the model's own, whatever a task pipe was given since
+    return video
+
+
+def task_pipe(loaded: LoadedModel, task: str, model: str | None, flow: Flow, device: str) -> Any:
+    """The pipeline for `task` on `loaded`, made once with `from_pipe` and cached."""
+    spec = flow.models.get(model) if model else None
+    key = task
+    if task == "controlnet":
+        if spec is None or spec.controlnet is None:
+            raise ValueError(f"model {model!r} has no controlnet; set models.{model}.controlnet in the flow")
+        key = f"controlnet:{spec.controlnet}"
+    if key not in loaded.task_pipes:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        if task in ("text2img", "video"):  # a video row's `loaded` already is its AnimateDiff model
+            pipe = loaded.pipe
+        elif task == "img2img":
+            pipe = AutoPipelineForImage2Image.from_pipe(loaded.pipe)
+        elif task == "inpaint":
+            pipe = AutoPipelineForInpainting.from_pipe(loaded.pipe)
+        elif task == "controlnet":
+            assert spec is not None and spec.controlnet is not None
+            controlnet = _controlnet(flow, spec.controlnet, loaded.pipe.unet.dtype, device)
+            pipe = AutoPipelineForText2Image.from_pipe(loaded.pipe, controlnet=controlnet)
+        else:
+            raise ValueError(f"task {task!r} is not supported; use text2img, img2img, inpaint, controlnet or video")
+        pipe.set_progress_bar_config(disable=True)
+        loaded.task_pipes[key] = pipe
+    return loaded.task_pipes[key]
+
+
+def _controlnet(flow: Flow, alias: str, dtype: Any, device: str) -> Any:
+    from diffusers import ControlNetModel
+
+    spec = flow.controlnets[alias]
+    folder = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), f"controlnet {alias!r}").folder
+    return ControlNetModel.from_pretrained(folder, variant=spec.variant, dtype=dtype).to(device)
+
+
+def scheduler(loaded: LoadedModel, name: str | None, options: dict[str, Any]) -> Any:
+    """A scheduler built as diffusers users do: `Class.from_config(<model's own config>, **options)`.
+
+    The model's own scheduler is kept from load time (`loaded.schedulers[None]`), so a row's
+    scheduler never derives from another row's choice; each (name, options) is built once.
+    """
+    base = loaded.schedulers[None]
+    if name is None and not options:
+        return base
+    key = json.dumps([name, options], sort_keys=True)
+    if key not in loaded.schedulers:
+        import diffusers
+
+        if name is not None and name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
+        cls = getattr(diffusers, SCHEDULERS[name]) if name is not None else type(base)
+        loaded.schedulers[key] = cls.from_config(base.config, **options)
+    return loaded.schedulers[key]
+
+
+# -- one call ----------------------------------------------------------------------------
+def call_kwargs(rows: list[RowRequest]) -> dict[str, Any]:
+    """The task's own pipeline arguments for a batch of rows that share a group key."""
+    first = rows[0]
+    task = first.task
+    if task in ("img2img", "inpaint"):
+        out: dict[str, Any] = dict(image=[r.init_image for r in rows], strength=first.strength)
+        if task == "inpaint":
+            out.update(mask_image=[r.mask_image for r in rows], height=first.height, width=first.width)
+        return out
+    out = dict(height=first.height, width=first.width)
+    if task == "controlnet":
+        out.update(image=[r.control_image for r in rows], controlnet_conditioning_scale=float(first.controlnet_scale))
+    elif task == "video":
+        out.update(num_frames=int(first.num_frames or 16))
+    return out
+
+
+def spread_over_frames(state: IPBatchState, row: RowRequest) -> None:
+    """Repeat each row's IP state once per frame (video rows).
+
+    AnimateDiff runs the UNet on `rows x frames` samples, frames of one row adjacent
+    (`repeat_interleave` of the IP tokens); the batched attention reads per-sample state, so each
+    row's scales, token slots and masks are repeated the same way.
+    """
+    if row.task != "video":
+        return
+    frames = int(row.num_frames or 16)
+    state.layer_scales = state.layer_scales.repeat_interleave(frames, 0)
+    state.token_valid = [v.repeat_interleave(frames, 0) for v in state.token_valid]
+    state.masks = [m.repeat_interleave(frames, 0) if m is not None else None for m in state.masks]
+    if state.masked is not None:
+        state.masked = state.masked.repeat_interleave(frames, 0)
+    per_row = state.resolve_steps
+    state.resolve_steps = lambda steps: per_row(steps).repeat_interleave(frames, 0)
+
+
+def outputs(result: Any) -> list[np.ndarray]:
+    """Per-row float arrays in [0, 1]: (H, W, 3) images, or (F, H, W, 3) videos."""
+    items = result.frames if getattr(result, "frames", None) is not None else result.images
+    return [np.asarray(item, dtype=np.float32) for item in items]
+
+
+# -- planning ----------------------------------------------------------------------------
+def component_fingerprints(flow: Flow) -> dict[str, str]:
+    """`controlnet:<alias>` and `motion_adapter:<alias>` -> weight fingerprints, for row keys."""
+    mirror, found = flow.mirror_root(), {}
+    for kind, specs in (("controlnet", flow.controlnets), ("motion_adapter", flow.motion_adapters)):
+        for alias, spec in specs.items():
+            folder = resolve(spec.source, spec.subfolder, None, mirror, f"{kind.replace('_', ' ')} {alias!r}").folder
+            found[f"{kind}:{alias}"] = fingerprint(folder)
+    return found
+
+
+def request_fields(row: Any, flow: Flow, model: str) -> dict[str, Any]:
+    """RowRequest fields only some tasks have (so other rows' keys do not change).
+
+    Raises ValueError (one line naming the row) when the row's model lacks what its task needs.
+    """
+    needs = {"controlnet": "controlnet", "video": "motion_adapter"}.get(row.task)
+    if needs and getattr(flow.models[model], needs) is None:
+        raise ValueError(
+            f"row {row.id}: task: model {model!r} has no {needs}, which task {row.task} needs; "
+            f"set models.{model}.{needs} to an alias of {needs}s: in the flow, or use another model"
+        )
+    if row.task == "controlnet":
+        return {"controlnet_scale": float(row.controlnet_scale)}
+    if row.task == "video":
+        return {"num_frames": int(row.num_frames or 16)}
+    return {}
+
+
+def identity(request: dict[str, Any], flow: Flow, found: dict[str, str], control_sha: str | None) -> dict[str, Any]:
+    """What the task's extra models and inputs add to a row key (nothing for plain tasks)."""
+    spec = flow.models[request["model"]]
+    extra: dict[str, Any] = {}
+    if request["task"] == "controlnet" and spec.controlnet:
+        extra.update(controlnet=found.get(f"controlnet:{spec.controlnet}"), control_image=control_sha)
+    if request["task"] == "video" and spec.motion_adapter:
+        extra["motion_adapter"] = found.get(f"motion_adapter:{spec.motion_adapter}")
+    if spec.scheduler_options:
+        extra["scheduler_options"] = spec.scheduler_options
+    return extra

@@ -1,0 +1,1 @@
+"""Encoders of the embedding store: CLIP image embeddings, InsightFace faces, and their ids."""
