@@ -12,8 +12,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from ipa_ops.flow.models import SCHEDULERS
 from ipa_ops.flow.schedules import parse_schedule
-from ipa_ops.flow.spec import SCHEDULERS, Flow, FlowError, load_flow, parse_flow
+from ipa_ops.flow.spec import Flow, FlowError, load_flow, parse_flow
 from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest

@@ -1,5 +1,6 @@
-"""The flow: the YAML format (spec.py), where model sources resolve (sources.py, the mirror), the
-scale-schedule format (schedules.py) and which encoders feed which adapter (face_encoders.py).
+"""The flow: the YAML format (spec.py; the `models:` sections in models.py), where model sources
+resolve (sources.py, the mirror), the scale-schedule format (schedules.py) and which encoders feed
+which adapter (face_encoders.py).
 
 The bottom layer with `errors` and `zoo`: it imports nothing else of ipa_ops, and every other
 package may import it.

@@ -10,72 +10,13 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ipa_ops.errors import UserError
-
-DType = Literal["float16", "bfloat16", "float32"]
-SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "pndm", "unipc"]
-# name -> diffusers class; each is built with `from_config(<the model's own scheduler config>)`
-SCHEDULERS: dict[str, str] = dict(
-    zip(
-        get_args(SchedulerName),
-        (
-            "DDIMScheduler",
-            "EulerDiscreteScheduler",
-            "EulerAncestralDiscreteScheduler",
-            "DPMSolverMultistepScheduler",
-            "LCMScheduler",
-            "PNDMScheduler",
-            "UniPCMultistepScheduler",
-        ),
-        strict=True,
-    )
-)
-
-
-class Strict(BaseModel):
-    """Base for every flow section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(Strict):
-    source: str = Field(description="Hub id (`org/name`) or local path of a diffusers pipeline folder.")
-    subfolder: str | None = Field(None, description="Subfolder inside the source, if the pipeline is not at its root.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
-    dtype: DType = Field("float16", description="Weights dtype on GPU; CPU always runs float32.")
-    scheduler: SchedulerName | None = Field(
-        None,
-        description="Scheduler for rows that name none (ddim, euler, euler_a, dpmpp_2m, lcm, pndm, unipc), built "
-        "with `from_config` from the model's own scheduler config; default: the model's own scheduler.",
-    )
-    scheduler_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Config overrides for the scheduler, as `from_config(config, **options)` takes them; e.g. "
-        "AnimateDiff's `{clip_sample: false, timestep_spacing: linspace, beta_schedule: linear, steps_offset: 1}`.",
-    )
-    controlnet: str | None = Field(
-        None, description="Alias (in `controlnets:`) of the ControlNet that rows with task `controlnet` use."
-    )
-    motion_adapter: str | None = Field(
-        None,
-        description="Alias (in `motion_adapters:`) of the AnimateDiff MotionAdapter that rows with task `video` use.",
-    )
-    compile: bool = Field(
-        False, description="torch.compile the UNet's repeated transformer blocks (regional compilation)."
-    )
-
-
-class ModuleSpec(Strict):
-    """A single diffusers model folder: a ControlNet or a MotionAdapter."""
-
-    source: str = Field(description="Hub id or path, e.g. `lllyasviel/control_v11f1p_sd15_depth`.")
-    subfolder: str | None = Field(None, description="Subfolder inside the source, if the model is not at its root.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
+from ipa_ops.flow.models import ModelSpec, ModuleSpec, Strict
 
 
 class EncoderSpec(Strict):

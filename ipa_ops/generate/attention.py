@@ -4,7 +4,8 @@ diffusers' `IPAdapterAttnProcessor2_0` holds one scale per adapter for the whole
 expects every sample to use the same number of reference images. This processor computes the
 same thing per sample instead, reading everything that varies from a shared `IPBatchState`:
 
-- `scales(adapter, layer)`: one scale per sample for this layer at the current step;
+- `scales(adapter, layer)`: one scale per sample for this layer at the current step, from a
+  [rows, adapters, layers, steps] table settled before the first step (`prepare`);
 - `token_valid[adapter]`: [B, n_images] which image slots are real (others are padding);
 - `masks[adapter]`: [B, n_images, H, W] region masks, used for rows whose `masked` flag is set.
 
@@ -29,34 +30,72 @@ from diffusers.models.attention_processor import Attention
 
 @dataclass
 class IPBatchState:
-    """What one pipeline call's rows want from the IP layers; shared by all processors."""
+    """What one pipeline call's rows want from the IP layers; shared by all processors.
+
+    Everything the processors decide is settled once per call, before the first UNet step
+    (`prepare`, run by a forward pre-hook on the UNet, outside any compiled region): the
+    [rows, adapters, layers, steps] scale table, and, for eager runs, host-side flags that let a
+    layer skip work no row needs. With `general` set (a compiled UNet) the processors take no
+    data-dependent branch at all: every adapter is attended at every layer and step, padded
+    slots are always masked out and regional rows are chosen with `torch.where`, so one graph
+    serves every batch of the same shapes and nothing in a step waits on the device.
+    """
 
     layer_scales: torch.Tensor  # [B, A, L] per row, adapter, IP layer
-    step_scales: torch.Tensor | None = None  # [B, A, S], resolved at the first step
+    step_scales: torch.Tensor | None = None  # [B, A, S], resolved by prepare()
     token_valid: list[torch.Tensor] = field(default_factory=list)  # per adapter [B, n]
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per adapter [B, n, H, W]
     masked: torch.Tensor | None = None  # [B, A] bool: row uses region masks for this adapter
     step_index: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     cache_kv: bool = True
-    resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called lazily
+    resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called by prepare()
     num_steps: Any = None  # callable() -> int, the pipeline's actual loop length
+    general: bool = False  # compiled UNet: no data-dependent branches (see above)
+    table: torch.Tensor | None = None  # [B, A, L, S] scale of every row, adapter, layer and step
+    step: int = 0  # host copy of step_index, for the eager flags
+    active: list[list[list[bool]]] = field(default_factory=list)  # [A][L][S]: some row's scale is not 0
+    padded: list[bool] = field(default_factory=list)  # per adapter: some image slot is padding
+    any_masked: list[bool] = field(default_factory=list)  # per adapter: some row uses region masks
+    all_masked: list[bool] = field(default_factory=list)  # per adapter: every row does
     _kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _distinct: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
 
-    def scales(self, adapter: int, layer: int, batch: int) -> torch.Tensor:
-        """[batch] scales for this adapter and layer at the current step (CFG halves repeated)."""
-        if self.step_scales is None:
-            self.step_scales = self.resolve_steps(self.num_steps()).to(self.layer_scales.device)
-            self.step_index = self.step_index.to(self.layer_scales.device)
-        # the step is a tensor, not a Python int, so a compiled UNet does not recompile per step
-        at_step = self.step_scales[:, adapter].index_select(-1, self.step_index)[:, 0]
-        per_row = self.layer_scales[:, adapter, layer] * at_step
+    def prepare(self, device: torch.device) -> None:
+        """Resolve the step profile and every per-call decision; once per call (idempotent)."""
+        if self.table is not None:
+            return
+        self.step_scales = self.resolve_steps(self.num_steps())
+        table = self.layer_scales[..., None] * self.step_scales[:, :, None, :]
+        masked = self.masked if self.masked is not None else torch.zeros(table.shape[:2], dtype=torch.bool)
+        self.active = (table != 0).any(dim=0).tolist()
+        self.padded = [not bool(v.all()) for v in self.token_valid]
+        self.any_masked = [m is not None and bool(masked[:, a].any()) for a, m in enumerate(self.masks)]
+        self.all_masked = [m is not None and bool(masked[:, a].all()) for a, m in enumerate(self.masks)]
+        self.table = table.to(device)
+        self.masked = masked.to(device)
+        self.token_valid = [v.to(device) for v in self.token_valid]
+        self.masks = [m.to(device) if m is not None else None for m in self.masks]
+        self.step_index = self.step_index.to(device)
+        if self.general:  # nothing cached across steps: the graph must not depend on a Python dict
+            self.cache_kv = False
+
+    def scales(self, adapter: int, layer: torch.Tensor, batch: int) -> torch.Tensor:
+        """[batch] scales for this adapter and layer at the current step (CFG halves repeated).
+
+        Layer and step are tensors, not Python ints, so a compiled block serves every layer and step."""
+        assert self.table is not None, "IPBatchState.prepare() runs before the first UNet step"
+        per_row = self.table[:, adapter].index_select(1, layer).index_select(2, self.step_index)[:, 0, 0]
         return per_row.repeat(batch // per_row.shape[0])
+
+    def attends(self, adapter: int, layer: int) -> bool:
+        """Whether some row needs this adapter at this layer and step (always, when general)."""
+        return self.general or self.active[adapter][layer][min(self.step, len(self.active[adapter][layer]) - 1)]
 
     def advance(self, step_index: int) -> None:
         """Move to the step after `step_index` (clamped to the last scheduled step)."""
         last = self.step_scales.shape[-1] - 1 if self.step_scales is not None else step_index + 1
-        self.step_index.fill_(min(step_index + 1, last))
+        self.step = min(step_index + 1, last)
+        self.step_index.fill_(self.step)
 
     def distinct(self, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows to project, index that expands them back) when every negative row of a CFG batch is the
@@ -93,6 +132,9 @@ class BatchedIPAttnProcessor(torch.nn.Module):
     def __init__(self, layer: int, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList):
         super().__init__()
         self.layer = layer
+        # the same index as a tensor: compiled code reads it as data, so all layers share one graph
+        device = to_k_ip[0].weight.device
+        self.register_buffer("layer_index", torch.tensor([layer], dtype=torch.long, device=device), persistent=False)
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
         self.state: IPBatchState | None = None
@@ -179,25 +221,27 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         batch, _, queries, _ = query.shape
         total = torch.zeros(batch, queries, attn.heads * head_dim, dtype=query.dtype, device=query.device)
         for adapter, tokens in enumerate(ip_hidden_states):
-            scale = state.scales(adapter, self.layer, batch).to(query.dtype)
-            if not torch.any(scale != 0):
+            if not state.attends(adapter, self.layer):  # eager: a host flag settled before the loop
                 continue
+            scale = state.scales(adapter, self.layer_index, batch).to(query.dtype)
             if tokens.ndim == 3:  # [B, n*T, C] projections without an image axis
                 tokens = tokens.unsqueeze(1)
             ip_key, ip_value = self._kv(adapter, tokens)
             n_images, n_tokens = ip_key.shape[1], ip_key.shape[2]
-            valid = state.rows(state.token_valid[adapter].to(query.device), batch)  # [batch, n]
-            masked = state.rows(state.masked[:, adapter], batch) if state.masked is not None else None
+            regional_rows = state.masks[adapter] is not None  # a shape fact: some row of the call has masks
             out = torch.zeros_like(total)
-            if masked is None or not bool(masked.all()):
+            if state.general or not state.all_masked[adapter]:
                 keys = ip_key.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
                 values = ip_value.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
                 token_mask = None
-                if not bool(valid.all()):
+                if state.general or state.padded[adapter]:
+                    valid = state.rows(state.token_valid[adapter], batch)  # [batch, n]
                     token_mask = valid.repeat_interleave(n_tokens, dim=1)[:, None, None, :]
                 joint = F.scaled_dot_product_attention(query, keys, values, attn_mask=token_mask)
                 out = joint.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-            if masked is not None and bool(masked.any()):
+            if regional_rows and (state.general or state.any_masked[adapter]):
+                assert state.masked is not None
+                masked = state.rows(state.masked[:, adapter], batch)
                 regional = self._masked_attention(attn, query, ip_key, ip_value, adapter, batch, head_dim)
                 out = torch.where(masked[:, None, None], regional, out)
             total = total + scale[:, None, None] * out
@@ -218,7 +262,7 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         assert state is not None
         masks = state.masks[adapter]
         assert masks is not None
-        masks = state.rows(masks.to(query.device), batch)  # [batch, n, H, W]
+        masks = state.rows(masks, batch)  # [batch, n, H, W]
         out = None
         for i in range(ip_key.shape[1]):
             keys = ip_key[:, i].reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -248,11 +292,21 @@ def install(unet: Any) -> list[str]:
         else:
             processors[name] = proc
     unet.set_attn_processor(processors)
+    if names and getattr(unet, "_ipa_prepare", None) is None:
+        unet._ipa_prepare = unet.register_forward_pre_hook(_prepare_state)
     return names
+
+
+def _prepare_state(unet: Any, args: Any) -> None:
+    """UNet forward pre-hook: settle the bound call's state before its first step (eager, outside compile)."""
+    state = getattr(unet, "_ipa_state", None)
+    if state is not None:
+        state.prepare(unet.device)
 
 
 def bind(unet: Any, state: IPBatchState | None) -> None:
     """Point every batched processor at this call's state (None: IP layers contribute nothing)."""
+    unet._ipa_state = state
     for proc in unet.attn_processors.values():
         if isinstance(proc, BatchedIPAttnProcessor):
             proc.state = state

@@ -9,6 +9,7 @@ its own seeded torch.Generator, a row's image does not depend on which rows shar
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -17,15 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.schedules import ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
-from ipa_ops.flow.spec import AdapterSpec, Flow, ModelSpec
+from ipa_ops.flow.spec import AdapterSpec, Flow
 from ipa_ops.generate import attention, faceid, loras, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import RowOutput, RowRequest
 from ipa_ops.generate.families import adapter_facts, family_of
 from ipa_ops.generate.families.base import ModelFamily, effective, layer_profile
 from ipa_ops.generate.loaded import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -61,11 +65,11 @@ class Generator:
         folder = resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}").folder
         family = family_of(Path(folder))
         pipe = family.load(Path(folder), self.dtype(spec), spec.variant)
-        self.models[alias] = self.equip(pipe, family, compile=spec.compile)
+        self.models[alias] = self.equip(pipe, family, compile=compile_plan(spec, self.device))
         return self.models[alias]
 
     def equip(
-        self, pipe: Any, family: ModelFamily, compile: bool = False, text_encoder_loras: bool = True
+        self, pipe: Any, family: ModelFamily, compile: tuple[str, str] | None = None, text_encoder_loras: bool = True
     ) -> LoadedModel:
         """Load every flow adapter that fits `pipe` (then the flow's LoRAs), and install the batched attention.
 
@@ -91,9 +95,9 @@ class Generator:
         loras.load(pipe, self.flow, text_encoder=text_encoder_loras)  # after the IP-Adapters, as the guide does
         pipe.to(self.device)
         names = family.install_attention(pipe) if files else []
-        if compile:
-            family.compile(pipe)
-        loaded = LoadedModel(pipe, family, aliases, facts, names)
+        if compile is not None:
+            family.compile(pipe, *compile)
+        loaded = LoadedModel(pipe, family, aliases, facts, names, compiled=compile is not None)
         loaded.faces = faceid.after_load(pipe, aliases, facts, self.flow)
         return loaded
 
@@ -245,6 +249,7 @@ class Generator:
             masks=masks,
             masked=masked,
             cache_kv=self.cache_kv,
+            general=loaded.compiled,
             resolve_steps=resolve_steps,
             num_steps=lambda: pipe.num_timesteps,
         )
@@ -260,9 +265,21 @@ class Generator:
         }
 
 
+def compile_plan(spec: ModelSpec, device: str) -> tuple[str, str] | None:
+    """(how, mode) to torch.compile a model's denoiser, or None; CUDA graphs only where there is CUDA."""
+    if not spec.compile:
+        return None
+    how = "whole" if spec.compile == "whole" else "regional"
+    mode = spec.compile_mode
+    if "cuda" not in device and mode == "reduce-overhead":
+        log.warning("compile_mode reduce-overhead makes CUDA graphs; on %s it does nothing, using the default", device)
+        mode = "default"
+    return how, mode
+
+
 def _base(spec: ModelSpec) -> tuple:
     """What makes two model aliases the same loaded base pipeline."""
-    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile)
+    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile, spec.compile_mode)
 
 
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ipa_ops.flow.face_encoders import crop_clip_alias, face_encoder_alias
+from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.sources import SourceNotFound, resolve
-from ipa_ops.flow.spec import AdapterSpec, EncoderSpec, Flow, ModelSpec
+from ipa_ops.flow.spec import AdapterSpec, EncoderSpec, Flow
 from ipa_ops.generate.checkpoints import AdapterFacts, encoder_dims
 from ipa_ops.generate.families import adapter_facts, family_of
 from ipa_ops.generate.loras import resolve_lora

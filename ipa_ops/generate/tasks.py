@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ipa_ops.flow.models import SCHEDULERS, ModelSpec
 from ipa_ops.flow.sources import fingerprint, resolve
-from ipa_ops.flow.spec import SCHEDULERS, Flow, ModelSpec
+from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.loaded import LoadedModel

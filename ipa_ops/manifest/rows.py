@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ipa_ops.flow.spec import SchedulerName
+from ipa_ops.flow.models import SchedulerName
 from ipa_ops.manifest.reading import ADAPTER_FIELD_DOCS, COLUMN_DOCS
 from ipa_ops.manifest.reading import MANIFEST_SCHEMA as MANIFEST_SCHEMA
 from ipa_ops.manifest.reading import image_size as image_size  # re-exported: the public face of the manifest

@@ -56,8 +56,11 @@ class ModelFamily(Protocol):
         """Point `pipe`'s batched IP layers at one call's per-row state (None: they add nothing)."""
         ...
 
-    def compile(self, pipe: Any) -> None:
-        """Regional torch.compile of the denoiser's repeated blocks."""
+    def compile(self, pipe: Any, how: str, mode: str, **options: Any) -> None:
+        """torch.compile the denoiser with `fullgraph=True`: `regional` (its repeated blocks) or `whole`.
+
+        `options` go to `torch.compile` as they are (a test passes `backend="eager"` to count graph breaks fast).
+        """
         ...
 
     def dtype(self, pipe: Any) -> torch.dtype:

@@ -107,8 +107,13 @@ class UNetFamily:
     def bind_attention(self, pipe: Any, state: IPBatchState | None) -> None:
         attention.bind(pipe.unet, state)
 
-    def compile(self, pipe: Any) -> None:
-        pipe.unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
+    def compile(self, pipe: Any, how: str, mode: str, **options: Any) -> None:
+        options = {"fullgraph": True, "dynamic": False, "mode": None if mode == "default" else mode, **options}
+        if how == "whole":
+            # the forward, not the module: the UNet's pre-hook that settles the IP state stays eager
+            pipe.unet.forward = torch.compile(pipe.unet.forward, **options)
+        else:
+            pipe.unet.compile_repeated_blocks(**options)
 
     def dtype(self, pipe: Any) -> torch.dtype:
         return pipe.unet.dtype
