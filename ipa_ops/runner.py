@@ -10,6 +10,7 @@ from typing import Any
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.ledger import recording
+from ipa_ops.ray_address import init_address
 
 STAGE_ORDER = ("extract", "generate")
 
@@ -22,14 +23,14 @@ def ray_session(flow: Flow) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    address = flow.ray.address or os.environ.get("RAY_ADDRESS") or None
+    address = init_address(flow.ray.address)  # "local" when embedded: never a stale ray_current_cluster
     env: dict | None = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("IPA_", "HF_"))}}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a Ray job: its runtime_env already applies
         env = None
     ray.init(
         address=address,
         runtime_env=env,
-        include_dashboard=False if address is None else None,
+        include_dashboard=False if address == "local" else None,
         log_to_driver=False,
         configure_logging=False,
     )

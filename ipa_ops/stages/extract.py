@@ -32,6 +32,7 @@ from PIL import Image
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import EncoderSpec, ExtractStage, Flow
+from ipa_ops.ray_address import init_address
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
 from ipa_ops.store.dataset import EmbeddingStore, content_key, uncond_key
@@ -243,13 +244,13 @@ def ensure_ray(address: str | None) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start an embedded Ray; True when this call started one."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    address = init_address(address)  # "local" when embedded: never a stale ray_current_cluster
+    if address != "local":
         ray.init(address=address)
     else:  # workers must import ipa_ops even when it runs from a source checkout, not an install
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
 
 
