@@ -13,7 +13,7 @@ import sys
 
 from ipa_ops.errors import UserError
 
-COMMAND_MODULES = ("core", "zoo", "store", "manifest", "cluster")
+COMMAND_MODULES = ("core", "zoo", "store", "manifest", "cluster", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from ipa_ops.canonical import canonical_json
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.folder import OutputDir, versions
+from ipa_ops.ledger_health import read_record
 
 LEDGER_DIR = "runs"
 RUN_ID_ENV = "IPA_RUN_ID"  # names a run explicitly; a Ray job's records carry its submission id by default
@@ -182,11 +183,9 @@ def read_ledger(output: str) -> list[dict[str, Any]]:
         paths = []
     records = []
     for path in paths:
-        with out.fs.open(path, "rb") as f:
-            try:
-                records.append(json.loads(f.read()))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: not a ledger record ({exc.msg}); move the file out of runs/") from None
+        record = read_record(out.fs, path, out.root)  # None: unreadable or foreign, moved aside
+        if record is not None:
+            records.append(record)
     return sorted(records, key=lambda r: (str(r.get("started_at")), str(r.get("run_id"))))
 
 

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from ipa_ops.errors import UserError
 from ipa_ops.store.schema import (
+from ipa_ops.store_health import read_or_quarantine, stamp
     COMMON,
     UNCOND_PREFIX,
     build_table,
@@ -83,6 +84,7 @@ class EmbeddingStore:
         self._keys: frozenset[str] = frozenset()
         self._cache: OrderedDict[tuple[str, int, str], tuple[Any, np.ndarray, int]] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, cache_bytes
+        self._skipped: set[str] = set()  # bad parts this reader could not move aside
 
     # -- reading -------------------------------------------------------------------------------
     def refresh(self, force: bool = True) -> None:
@@ -104,9 +106,14 @@ class EmbeddingStore:
             paths = sorted(self.fs.glob(f"{self.root}/*/part-*.parquet"))
         except FileNotFoundError:
             paths = []
-        new = [p for p in paths if p not in self._parts]
+        paths = [p for p in paths if not p[len(self.root) :].lstrip("/").startswith("_")]  # _quarantine/
+        new = [p for p in paths if p not in self._parts and p not in self._skipped]
         for path in new:
-            self._parts[path] = self._read_part(path)
+            part = self._read_part(path)  # None: a bad part, moved aside (store_health)
+            if part is None:
+                self._skipped.add(path)
+            else:
+                self._parts[path] = part
         if new or self._meta is None:
             self._rebuild()
 
@@ -118,13 +125,13 @@ class EmbeddingStore:
         except FileNotFoundError:
             return ()
 
-    def _read_part(self, path: str) -> _Part:
-        with self.fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
+    def _read_part(self, path: str) -> _Part | None:
+        def read(pf: pq.ParquetFile) -> tuple[pa.Table, list[int]]:
             names = [n for n in pf.schema_arrow.names if n not in HEAVY]
-            meta = pf.read(columns=names)
-            groups = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
-        return _Part(path, meta, groups)
+            return pf.read(columns=names), [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+
+        got = read_or_quarantine(self.fs, path, self.root, read)
+        return None if got is None else _Part(path, *got)
 
     def _rebuild(self) -> None:
         frames = [part.frame for part in self._parts.values()]
@@ -250,10 +257,13 @@ class EmbeddingStore:
             parts = sorted(self.fs.glob(f"{self._folder(encoder_id)}/part-*.parquet"))
         except FileNotFoundError:
             return None
-        if not parts:
-            return None
-        with self.fs.open(parts[0], "rb") as fh:
-            return pq.read_schema(fh)
+        for path in parts:  # the first part that reads; bad ones are moved aside
+            if path not in self._skipped:
+                schema = read_or_quarantine(self.fs, path, self.root, lambda pf: pf.schema_arrow)
+                if schema is not None:
+                    return schema.remove_metadata()
+                self._skipped.add(path)
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Rows by encoder and status, vector widths, parts and bytes: what `ipa store stats` prints."""
@@ -283,9 +293,11 @@ class EmbeddingStore:
         folder = self._folder(encoders.pop())
         if not {"image_embeds", "hidden_states"} & set(table.column_names):
             raise ValueError("a part needs its encoder's vector columns (build_table with the encoder's dims)")
+        self.refresh(force=False)  # a part of a newer schema refuses the append (NewerSchema), never mixed with
         existing = self.schema(table.column("encoder")[0].as_py())
         if existing is not None:
             table = conform(table, existing)
+        table = stamp(table)  # the schema version readers check (a newer one is refused, never overwritten)
         group_rows = max(1, min(4096, _GROUP_BYTES * max(1, table.num_rows) // max(1, table.nbytes)))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=group_rows)
