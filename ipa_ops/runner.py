@@ -9,7 +9,8 @@ from typing import Any
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
-from ipa_ops.outputs.ledger import recording
+from ipa_ops.lease import output_lease
+from ipa_ops.outputs.ledger import new_run_id, recording
 from ipa_ops.ray_address import init_address
 
 STAGE_ORDER = ("extract", "generate")
@@ -54,7 +55,7 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
         if getattr(flow.stages, name) is None:
             raise UserError(f"stages.{name}: this flow has no {name} stage; add it or pick another --stage")
     results: dict[str, Any] = {}
-    with recording(flow, wanted, results), ray_session(flow):  # one ledger record per run
+    with _lease(flow, wanted), recording(flow, wanted, results), ray_session(flow):  # one ledger record per run
         for name in wanted:
             if name == "extract":
                 from ipa_ops.stages.extract import run_extract
@@ -65,3 +66,11 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
 
                 results[name] = run_generate(flow, flow.stages.generate)
     return results
+
+
+def _lease(flow: Flow, stages: list[str]) -> contextlib.AbstractContextManager[Any]:
+    """One writer per output: the generate stage's output is leased for the whole run (lease.py)."""
+    stage = flow.stages.generate
+    if "generate" not in stages or stage is None:
+        return contextlib.nullcontext()
+    return output_lease(stage.output, stage.lease, f"flow {flow.name}", run=new_run_id())

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.models import ModelSpec, ModuleSpec, Strict
+from ipa_ops.lease import LeaseSpec
 
 
 class EncoderSpec(Strict):
@@ -155,6 +156,9 @@ class GenerateStage(Strict):
     )
     defaults: GenerateDefaults = Field(default_factory=GenerateDefaults)
     resources: Resources = Field(default_factory=Resources)
+    lease: LeaseSpec = Field(
+        default_factory=LeaseSpec, description="One writer per output: what a second run on this output does."
+    )
 
 
 class Stages(Strict):

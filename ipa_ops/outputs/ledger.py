@@ -47,7 +47,8 @@ def flow_hash(flow: Flow, use_env: bool = True) -> str:
     defaults count, so a new optional flow field in a later ipa leaves existing hashes alone.
     `use_env=False` ignores IPA_MIRROR, for renderings that must not depend on the machine.
     """
-    data = flow.model_dump(mode="json", exclude={"ray", "schedule"}, exclude_defaults=True)
+    leave_out = {"ray": True, "schedule": True, "stages": {"generate": {"lease"}}}  # where and how, not what
+    data = flow.model_dump(mode="json", exclude=leave_out, exclude_defaults=True)
     data["mirror"] = flow.mirror_root() if use_env else flow.mirror
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
 

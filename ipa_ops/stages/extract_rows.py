@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from ipa_ops.store.dataset import EmbeddingStore, build_table, content_key, now, vector_dims
+from ipa_ops.store_commit import commit_lease, unstored
 
 log = logging.getLogger(__name__)
 COUNT_FIELDS = ("new", "stored", "failed", "no_face")
@@ -52,8 +53,21 @@ class Committer:
             self.flush()
 
     def flush(self) -> None:
-        """Commit every buffer whose vector widths are known (from the folder or a row with vectors)."""
+        """Commit every buffer whose vector widths are known (from the folder or a row with vectors).
+
+        Under the store's commit lease, rows another extract committed since are dropped first, so
+        concurrent extracts into one store never write a key twice (store_commit.py).
+        """
+        if not any(self.buffers.values()):
+            self.last = time.monotonic()
+            return
+        with commit_lease(self.store):
+            self._flush()
+
+    def _flush(self) -> None:
+        stored = self.store.statuses()
         for enc, rows in self.buffers.items():
+            rows[:] = unstored(rows, stored)
             if not rows:
                 continue
             exemplar = self.exemplars.get(enc)
