@@ -57,12 +57,18 @@ def _glob(fs: Any, pattern: str) -> list[str]:
         return []
 
 
+OUTPUT_FOLDERS = {"results", "scores", "images", "runs", "thumbs"}  # an output's own, never encoder folders
+
+
 def _store_parts(fs: Any, root: str) -> list[str]:
-    return [p for p in _glob(fs, f"{root}/*/part-*.parquet") if "@" in posixpath.basename(posixpath.dirname(p))]
+    """Parts of encoder folders (`<encoder id>/part-*.parquet`), not an output's results/ or _quarantine/."""
+    parts = _glob(fs, f"{root}/*/part-*.parquet")
+    folders = [posixpath.basename(posixpath.dirname(p)) for p in parts]
+    return [p for p, f in zip(parts, folders, strict=True) if not f.startswith("_") and f not in OUTPUT_FOLDERS]
 
 
 def _check_store(fs: Any, root: str) -> tuple[int, list[Problem]]:
-    parts = [p for p in _store_parts(fs, root) if not posixpath.basename(posixpath.dirname(p)).startswith("_")]
+    parts = _store_parts(fs, root)
     return len(parts), [p for p in (check_part(fs, path, root) for path in parts) if p is not None]
 
 
@@ -71,7 +77,7 @@ def _check_ledger(fs: Any, root: str) -> tuple[int, list[Problem]]:
     return len(records), [p for _, p in (check_record(fs, path, root) for path in records) if p is not None]
 
 
-register("store", lambda fs, root: bool(_store_parts(fs, root)), _check_store)  # encoder folders: `alias@<hex>`
+register("store", lambda fs, root: bool(_store_parts(fs, root)), _check_store)
 register("ledger", lambda fs, root: fs.isdir(posixpath.join(root, "runs")), _check_ledger)
 
 

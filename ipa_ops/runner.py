@@ -10,8 +10,8 @@ from typing import Any
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.lease import output_lease
-from ipa_ops.outputs.ledger import new_run_id, recording
-from ipa_ops.ray_address import init_address
+from ipa_ops.outputs.ledger import RUN_ID_ENV, new_run_id, recording
+from ipa_ops.ray_address import JOB_ENV, init_address
 
 STAGE_ORDER = ("extract", "generate")
 
@@ -73,4 +73,5 @@ def _lease(flow: Flow, stages: list[str]) -> contextlib.AbstractContextManager[A
     stage = flow.stages.generate
     if "generate" not in stages or stage is None:
         return contextlib.nullcontext()
-    return output_lease(stage.output, stage.lease, f"flow {flow.name}", run=new_run_id())
+    named = os.environ.get(RUN_ID_ENV, "").strip() or os.environ.get(JOB_ENV)  # else the ledger picks a random id
+    return output_lease(stage.output, stage.lease, f"flow {flow.name}", run=new_run_id() if named else "")

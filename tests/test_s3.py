@@ -53,7 +53,7 @@ def s3() -> Iterator[Any]:
             mp.setenv(key, value)
         s3fs.S3FileSystem.clear_instance_cache()  # no client made for another endpoint is reused
         fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+        fs.makedirs(BUCKET, exist_ok=True)  # moto keeps one state per process: another module may have made it
         try:
             yield fs
         finally:
