@@ -28,7 +28,8 @@ def ray_local() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a fresh instance, never the cluster a stale ray_current_cluster names (as `ipa run` does)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
