@@ -104,13 +104,16 @@ def test_newer_schema_part_is_refused_and_never_touched(tmp_path: Path) -> None:
     assert _tree(tmp_path / "emb") == before
 
 
-def test_bad_ledger_records_are_moved_aside_and_the_rest_read(tmp_path: Path) -> None:
+def test_bad_ledger_records_are_moved_aside_and_the_rest_read(tmp_path: Path, capsys: Any) -> None:
     runs = tmp_path / "out" / "runs"
     runs.mkdir(parents=True)
     good = {"run_id": "r1", "status": "ok", "started_at": "2026-12-01T00:00:00+00:00"}
     (runs / "20261201T000000Z-r1.json").write_text(json.dumps(good))
     (runs / "20261201T010000Z-r2.json").write_text(json.dumps({**good, "run_id": "r2"})[:30])  # cut by a full disk
     (runs / "20261201T020000Z-r3.json").write_text("[1, 2, 3]")  # JSON, but no record
+    assert main(["runs", "ls", str(tmp_path / "out")]) == 0  # what a person looks at first: no traceback
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("r1\tok\t")
     assert [r["run_id"] for r in read_ledger(str(tmp_path / "out"))] == ["r1"]
     moved = tmp_path / "out" / "_quarantine" / "runs"
     assert sorted(p.name for p in moved.glob("*.json") if not p.name.endswith(".reason.json")) == [
