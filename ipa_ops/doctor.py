@@ -20,9 +20,9 @@ from typing import Any
 
 import fsspec
 
-from ipa_ops.ledger_health import check_record
-from ipa_ops.quarantine import QUARANTINE, Problem, quarantine
-from ipa_ops.store_health import check_part
+from ipa_ops.outputs.ledger_health import check_record
+from ipa_ops.storage.quarantine import QUARANTINE, Problem, quarantine
+from ipa_ops.store.health import check_part
 
 Detect = Callable[[Any, str], bool]
 Check = Callable[[Any, str], tuple[int, list[Problem]]]  # (files checked, problems)

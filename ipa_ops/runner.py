@@ -9,9 +9,9 @@ from typing import Any
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
-from ipa_ops.lease import output_lease
 from ipa_ops.outputs.ledger import RUN_ID_ENV, new_run_id, recording
-from ipa_ops.ray_address import JOB_ENV, init_address
+from ipa_ops.stages.ray_address import JOB_ENV, init_address
+from ipa_ops.storage.lease import output_lease
 
 STAGE_ORDER = ("extract", "generate")
 

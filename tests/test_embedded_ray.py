@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ipa_ops.ray_address import RayUnreachable, init_address
+from ipa_ops.stages.ray_address import RayUnreachable, init_address
 
 REPO = Path(__file__).resolve().parents[1]
 # what `ipa run` does with a flow whose ray.address is null: ray_session, then real Ray work

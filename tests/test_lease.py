@@ -24,7 +24,7 @@ from test_s3 import BUCKET, s3  # noqa: F401 - the loopback moto server fixture
 
 from ipa_ops.cli import main
 from ipa_ops.flow.spec import load_flow
-from ipa_ops.lease import Lease, LeaseHeld, LeaseLost, LeaseSpec, output_lease
+from ipa_ops.storage.lease import Lease, LeaseHeld, LeaseLost, LeaseSpec, output_lease
 from ipa_ops.store.dataset import EmbeddingStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_a_killed_runs_lease_is_taken_over(tmp_path: Path, caplog: Any) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from ipa_ops.lease import Lease
+            from ipa_ops.storage.lease import Lease
             Lease({str(tmp_path)!r}, "flow killed", ttl_s=300).acquire()
             print("held", flush=True)
             time.sleep(300)
@@ -95,7 +95,7 @@ def test_a_killed_runs_lease_is_taken_over(tmp_path: Path, caplog: Any) -> None:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
     assert json.loads((tmp_path / "_lease.json").read_text())["pid"] == holder.pid  # still there: a stale lease
-    with caplog.at_level("WARNING", logger="ipa_ops.lease"), Lease(str(tmp_path), "second") as lease:
+    with caplog.at_level("WARNING", logger="ipa_ops.storage.lease"), Lease(str(tmp_path), "second") as lease:
         assert json.loads((tmp_path / "_lease.json").read_text())["token"] == lease.token
     assert any("took over the lease of flow killed" in r.getMessage() for r in caplog.records)
 

@@ -23,9 +23,9 @@ from test_s3 import BUCKET, s3  # noqa: F401 - the loopback moto server fixture
 
 from ipa_ops.cli import main
 from ipa_ops.outputs.ledger import read_ledger
-from ipa_ops.quarantine import NewerSchema
+from ipa_ops.storage.quarantine import NewerSchema
 from ipa_ops.store.dataset import EmbeddingStore, build_table, content_key, now, vector_dims
-from ipa_ops.store_health import VERSION_KEY, read_part
+from ipa_ops.store.health import VERSION_KEY, read_part
 
 ENC = "vit-h@0123456789abcdef"
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_truncated_store_part_is_moved_aside_and_the_rest_reads(tmp_path: Path, 
     cut = cut.rename(cut.with_name("part-0000.parquet"))  # sorts first: the folder's schema comes from another part
     _part(writer, good)
     _truncate(str(cut))
-    with caplog.at_level(logging.WARNING, logger="ipa_ops.quarantine"):
+    with caplog.at_level(logging.WARNING, logger="ipa_ops.storage.quarantine"):
         store = EmbeddingStore(uri)
         assert store.keys() == {r["key"] for r in good}  # the rest reads; the cut part's rows are simply missing
         _part(store, _rows(10, 1))  # and the store takes new parts (schema from a part that reads)

@@ -95,7 +95,7 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from ipa_ops.cluster.jobs import jobs as cluster
+    from ipa_ops.cluster import jobs as cluster
     from ipa_ops.flow.spec import load_flow
 
     flow = load_flow(args.flow, args.set)
@@ -149,7 +149,7 @@ def _addr_flag(args: argparse.Namespace) -> str:
 
 
 def _client_and_info(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ipa_ops.cluster.jobs import jobs as cluster
+    from ipa_ops.cluster import jobs as cluster
 
     client = cluster.job_client(args.address)
     info = cluster.job_info(client, args.job_id)
@@ -173,7 +173,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from ipa_ops.cluster.jobs import jobs as cluster
+    from ipa_ops.cluster import jobs as cluster
 
     client, _ = _client_and_info(args)
     if args.follow:
@@ -214,7 +214,7 @@ def _runs_ls(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from ipa_ops.cluster.jobs import render as rendering
+    from ipa_ops.cluster import render as rendering
     from ipa_ops.flow.spec import load_flow
 
     given = {name: getattr(args, name) for name in _option_names() if getattr(args, name) is not None}

@@ -2,6 +2,6 @@
 resolve (sources.py, the mirror), the scale-schedule format (schedules.py) and which encoders feed
 which adapter (face_encoders.py).
 
-The bottom layer with `errors` and `zoo`: it imports nothing else of ipa_ops, and every other
-package may import it.
+Above only `errors` and `storage` (a lease's settings are a flow field): it imports nothing else
+of ipa_ops, and every other package may import it.
 """

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.models import ModelSpec, ModuleSpec, Strict
-from ipa_ops.lease import LeaseSpec
+from ipa_ops.storage.lease import LeaseSpec
 
 
 class EncoderSpec(Strict):

@@ -31,7 +31,7 @@ from ipa_ops.canonical import canonical_json
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.folder import OutputDir, versions
-from ipa_ops.ledger_health import read_record
+from ipa_ops.outputs.ledger_health import read_record
 
 LEDGER_DIR = "runs"
 RUN_ID_ENV = "IPA_RUN_ID"  # names a run explicitly; a Ray job's records carry its submission id by default

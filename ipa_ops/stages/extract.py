@@ -32,9 +32,9 @@ from PIL import Image
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import EncoderSpec, ExtractStage, Flow
-from ipa_ops.ray_address import init_address
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
+from ipa_ops.stages.ray_address import init_address
 from ipa_ops.store.dataset import EmbeddingStore, content_key, uncond_key
 from ipa_ops.store.encoders.ids import clip_folder, encoder_id, face_pack_dir
 from ipa_ops.store.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes

@@ -14,8 +14,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from ipa_ops.store.commit import commit_lease, unstored
 from ipa_ops.store.dataset import EmbeddingStore, build_table, content_key, now, vector_dims
-from ipa_ops.store_commit import commit_lease, unstored
 
 log = logging.getLogger(__name__)
 COUNT_FIELDS = ("new", "stored", "failed", "no_face")

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipa_ops.errors import UserError
+from ipa_ops.store.health import read_or_quarantine, stamp
 from ipa_ops.store.schema import (
-from ipa_ops.store_health import read_or_quarantine, stamp
     COMMON,
     UNCOND_PREFIX,
     build_table,

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from ipa_ops.errors import UserError
 
-log = logging.getLogger("ipa_ops.quarantine")
+log = logging.getLogger("ipa_ops.storage.quarantine")
 QUARANTINE = "_quarantine"
 
 

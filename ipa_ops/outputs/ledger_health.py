@@ -12,7 +12,7 @@ import io
 import json
 from typing import Any
 
-from ipa_ops.quarantine import Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
+from ipa_ops.storage.quarantine import Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
 
 REQUIRED = ("run_id", "status", "started_at")
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ipa_ops.quarantine import NewerSchema, Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
+from ipa_ops.storage.quarantine import NewerSchema, Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
 from ipa_ops.store.schema import COMMON
 
 T = TypeVar("T")

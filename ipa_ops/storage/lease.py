@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ipa_ops.errors import UserError
 
-log = logging.getLogger("ipa_ops.lease")
+log = logging.getLogger("ipa_ops.storage.lease")
 LEASE_NAME = "_lease.json"
 
 

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from ipa_ops.lease import Lease
+from ipa_ops.storage.lease import Lease
 from ipa_ops.store.dataset import EmbeddingStore
 
 COMMIT_LEASE = "_commit.lease.json"
