@@ -1,16 +1,22 @@
 """Side-by-side generation throughput: the plain diffusers loop vs ipa, in one run.
 
-One heterogeneous manifest (a different reference per row, three schedules, masks on a third of
-the rows, two adapters on a quarter) is rendered three ways:
+One manifest (heterogeneous by default: a different reference per row, three schedules, masks on
+a third of the rows, two adapters on a quarter; `--uniform-work`: rows that differ only by prompt,
+seed, reference and scalar scale) is rendered by the ways of generate_ways.py:
 
   (a) the loop a user writes today: one `pipe(...)` per row, `set_ip_adapter_scale`,
       `ip_adapter_image_embeds`, masks through `cross_attention_kwargs`, the cutoff callback;
   (b) ipa's Generator with batch size 1;
-  (c) ipa's Generator with mixed batches.
+  (c) ipa's Generator with mixed batches;
+  (d) diffusers' own batched call at the same batch size, rows sharing one reference and scale:
+      the best case diffusers can batch, so c/d says how far mixed batches are from the ceiling;
+  (e) with `--compile regional|whole`: (c) with the UNet compiled (compile time printed apart).
 
-It prints images/s and peak memory of each, the largest pixel difference of (b) and (c) against
-(a), and ends with `ratios: b/a=<x> c/a=<y>`. With `--device cuda` it also prints the UNet's
-achieved TFLOP/s (counted with torch.utils.flop_counter) against a measured bf16 matmul ceiling.
+It prints images/s and peak memory of each, the largest pixel difference of (b), (c), (e) against
+(a), and ends with `ratios: b/a=<x> c/a=<y> c/d=<z>`. Every way loads the very same zoo files
+(`IPA_MIRROR` is ignored); if any way's images differ from (a) beyond 1e-3 it exits 1 with no
+`ratios:` line. With `--device cuda` it also prints the UNet's achieved TFLOP/s (counted with
+torch.utils.flop_counter) against a measured bf16 matmul ceiling.
 Runs without Ray: `python benchmarks/bench_generate.py --size small --device cpu`.
 """
 
@@ -28,172 +34,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import AutoPipelineForText2Image  # noqa: E402
-from diffusers.callbacks import IPAdapterScaleCutoffCallback  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from generate_ways import MODELS, bench_flow, make_rows, run_diffusers_batched, run_ipa, run_plain  # noqa: E402
 
-from ipa_ops.flow.schedules import parse_schedule  # noqa: E402
-from ipa_ops.flow.spec import Flow  # noqa: E402
-from ipa_ops.generate.conditioning import preprocess_masks  # noqa: E402
-from ipa_ops.generate.families import family_of  # noqa: E402
-from ipa_ops.generate.generator import AdapterInput, Generator, RowRequest  # noqa: E402
+from ipa_ops.generate.generator import Generator  # noqa: E402
 from ipa_ops.zoo import build_zoo  # noqa: E402
 
-# per base model: pipeline, adapter subfolder, (pooled adapter, Plus adapter), default size
-MODELS: dict[str, dict[str, Any]] = {
-    "sd15": {
-        "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "subfolder": "models",
-        "weights": ["ip-adapter_sd15.bin", "ip-adapter-plus_sd15.safetensors"],
-        "full_resolution": 512,
-    },
-    "sdxl": {
-        "source": "stabilityai/stable-diffusion-xl-base-1.0",
-        "subfolder": "sdxl_models",
-        "weights": ["ip-adapter_sdxl_vit-h.safetensors", "ip-adapter-plus_sdxl_vit-h.safetensors"],
-        "full_resolution": 1024,
-    },
-}
-SCHEDULES: list[Any] = [0.6, {"preset": "style"}, {"value": 0.8, "end": 0.6}]
-
-
-def _flow(zoo: Path, model: dict[str, Any]) -> Flow:
-    enc = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}
-    ad = {"source": "h94/IP-Adapter", "subfolder": model["subfolder"]}
-    return Flow.model_validate(
-        {
-            "name": "bench",
-            "mirror": str(zoo),
-            "models": {"base": {"source": model["source"], "dtype": "float16"}},
-            "encoders": {"vit-h": enc, "vit-h-hs": {**enc, "hidden_states": True}},
-            "adapters": {
-                "style": {**ad, "weight_name": model["weights"][0], "encoder": "vit-h"},
-                "plus": {**ad, "weight_name": model["weights"][1], "encoder": "vit-h-hs"},
-            },
-        }
-    )
-
-
-def _reference_image(i: int) -> Image.Image:
-    rng = np.random.default_rng(i)
-    img = Image.new("RGB", (224, 224), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(5):
-        x, y, r = (int(v) for v in rng.integers(20, 200, 3))
-        draw.ellipse(
-            [x - r // 3, y - r // 3, x + r // 3, y + r // 3], fill=tuple(int(c) for c in rng.integers(0, 255, 3))
-        )
-    return img
-
-
-def _masks(size: int) -> torch.Tensor:
-    left, right = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
-    ImageDraw.Draw(left).rectangle([0, 0, size // 2 - 1, size], fill=255)
-    ImageDraw.Draw(right).rectangle([size // 2, 0, size, size], fill=255)
-    return preprocess_masks([left, right], size, size)
-
-
-def make_rows(pipe: Any, n: int, size: int, steps: int) -> list[dict[str, Any]]:
-    """The heterogeneous manifest, with embeddings computed by diffusers itself."""
-    masks = _masks(size)
-    rows = []
-    for i in range(n):
-        refs = [_reference_image(i)] + ([_reference_image(1000 + i)] if i % 3 == 1 else [])
-        second = i % 4 == 3
-        embeds = pipe.prepare_ip_adapter_image_embeds([refs, [_reference_image(2000 + i)]], None, pipe.device, 1, True)
-        rows.append(
-            {
-                "id": f"r{i}",
-                "seed": i,
-                "prompt": f"a painting of scene {i}",
-                "size": size,
-                "steps": steps,
-                "schedule": 0.7 if i % 3 == 1 else SCHEDULES[(i // 3) % 3],
-                "masks": masks if i % 3 == 1 else None,
-                "embeds": embeds,
-                "second": second,
-            }
-        )
-    return rows
-
-
-def _adapter_inputs(row: dict[str, Any]) -> list[AdapterInput]:
-    neg, pos = row["embeds"][0].chunk(2)
-    inputs = [AdapterInput("style", pos[0], neg[0], parse_schedule(row["schedule"]), row["masks"])]
-    if row["second"]:
-        neg2, pos2 = row["embeds"][1].chunk(2)
-        inputs.append(AdapterInput("plus", pos2[0], neg2[0], parse_schedule(0.3)))
-    return inputs
-
-
-class CutoffFirstAdapter(IPAdapterScaleCutoffCallback):
-    """diffusers' cutoff callback sets one scale, which `set_ip_adapter_scale` refuses when two
-    adapters are loaded; a user of two adapters writes this variant (it keeps the second's scale)."""
-
-    def __init__(self, cutoff_step_ratio: float, other: float):
-        super().__init__(cutoff_step_ratio=cutoff_step_ratio)
-        self.other = other
-
-    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
-        if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
-            pipeline.set_ip_adapter_scale([0.0, self.other])
-        return callback_kwargs
-
-
-def run_plain(pipe: Any, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    """(a) one diffusers call per row, as documented."""
-    images = []
-    for row in rows:
-        spec = parse_schedule(row["schedule"])
-        presets = family_of(Path(pipe.config._name_or_path)).presets
-        scale: Any = presets[spec.preset] if spec.preset else spec.value
-        if row["masks"] is not None:
-            scale = [spec.value, spec.value]
-        pipe.set_ip_adapter_scale([scale, 0.3 if row["second"] else 0.0])
-        embeds = [row["embeds"][0], row["embeds"][1] if row["second"] else torch.zeros_like(row["embeds"][1])]
-        kwargs: dict[str, Any] = {}
-        if spec.end < 1:
-            kwargs["callback_on_step_end"] = CutoffFirstAdapter(spec.end, 0.3 if row["second"] else 0.0)
-        if row["masks"] is not None:
-            m = row["masks"]
-            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [m.reshape(1, *m.shape), None]}
-        out = pipe(
-            prompt=row["prompt"],
-            num_inference_steps=row["steps"],
-            guidance_scale=7.5,
-            height=row["size"],
-            width=row["size"],
-            generator=torch.Generator("cpu").manual_seed(row["seed"]),
-            ip_adapter_image_embeds=embeds,
-            output_type="np",
-            **kwargs,
-        )
-        images.append(out.images[0])
-    return images
-
-
-def run_ipa(gen: Generator, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    """(b)/(c): the same rows through ipa's Generator."""
-    requests = [
-        RowRequest(
-            id=r["id"],
-            prompt=r["prompt"],
-            seed=r["seed"],
-            model="base",
-            width=r["size"],
-            height=r["size"],
-            steps=r["steps"],
-            guidance_scale=7.5,
-            adapters=_adapter_inputs(r),
-        )
-        for r in rows
-    ]
-    outs = gen.generate(requests)
-    for o in outs:
-        if o.error:
-            raise RuntimeError(f"{o.id}: {o.error}")
-    return [o.image for o in outs]  # type: ignore[misc]
+MAX_DIFF = 1e-3  # beyond this a way made other images, and its speed is not comparable
 
 
 def _peak_reset(device: str) -> None:
@@ -262,12 +111,18 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three ways")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed passes of all three ways first")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the ways")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes of every way first")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--uniform-work", action="store_true", help="rows differing only by prompt, seed, reference, "
+                        "scalar scale: (c) and (d) do the same arithmetic, c/d is the cost of heterogeneity")
+    parser.add_argument("--compile", choices=["regional", "whole"], default=None,
+                        help="also run (e): (c) with the UNet compiled; its compile time is printed apart")
     parser.add_argument("--zoo", default=os.environ.get("IPA_BENCH_ZOO", str(Path.home() / ".cache" / "ipa")))
-    args = parser.parse_args()
+    args = parser.parse_args()  # fmt: skip
+    if os.environ.pop("IPA_MIRROR", None) is not None:  # it would point ipa's ways at another zoo than (a)'s
+        print("bench_generate: IPA_MIRROR ignored; every way loads the same zoo", flush=True)
     full_res = MODELS[args.model]["full_resolution"]
     defaults = {"tiny": (16, 64, 4), "small": (16, 128, 8), "full": (64, full_res, 30)}[args.size]
     n, res, steps = args.rows or defaults[0], args.resolution or defaults[1], args.steps or defaults[2]
@@ -283,46 +138,65 @@ def main() -> None:
         image_encoder_folder="models/image_encoder",
     )
     pipe.set_progress_bar_config(disable=True)
-    rows = make_rows(pipe, n, res, steps)
+    rows = make_rows(pipe, n, res, steps, uniform=args.uniform_work)
     print(
-        f"bench_generate: size={args.size} device={args.device} rows={n} {res}x{res} steps={steps} "
-        f"batch={args.batch} torch={torch.__version__} threads={torch.get_num_threads()}",
+        f"bench_generate: size={args.size} model={args.model} device={args.device} rows={n} {res}x{res} "
+        f"steps={steps} batch={args.batch} uniform={args.uniform_work} compile={args.compile} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} zoo={zoo}",
         flush=True,
     )
-    flow = _flow(zoo, model)
+    flow = bench_flow(zoo, model)
     one = Generator(flow, device=args.device, batch_size=1)
     mixed = Generator(flow, device=args.device, batch_size=args.batch)
-    for _ in range(args.warmup):  # untimed full passes: first calls of each row type cost far more
-        run_plain(pipe, rows)
-        run_ipa(one, rows)
-        run_ipa(mixed, rows)
     ways = {
         "(a) diffusers loop": lambda: run_plain(pipe, rows),
         "(b) ipa batch 1": lambda: run_ipa(one, rows),
         f"(c) ipa batch {args.batch}": lambda: run_ipa(mixed, rows),
+        f"(d) diffusers batch {args.batch}, one shared reference and scale": lambda: run_diffusers_batched(
+            pipe, rows, args.batch
+        ),
     }
+    if args.compile:
+        compiled = Generator(bench_flow(zoo, model, args.compile), device=args.device, batch_size=args.batch)
+        ways[f"(e) ipa batch {args.batch}, {args.compile} compiled"] = lambda: run_ipa(compiled, rows)
+        start = time.perf_counter()
+        ways[list(ways)[-1]]()  # the first pass compiles: timed apart from the steady rounds
+        print(f"(e) compile + first pass: {time.perf_counter() - start:.1f}s", flush=True)
+    for _ in range(args.warmup):  # untimed full passes: first calls of each row type cost far more
+        for fn in ways.values():
+            fn()
     seconds = dict.fromkeys(ways, 0.0)
     images: dict[str, list[np.ndarray]] = {}
     names = list(ways)
-    for r in range(args.rounds):  # interleaved, rotating order: a busy machine slows all three alike
-        for name in names[r % 3 :] + names[: r % 3]:
+    for r in range(args.rounds):  # interleaved, rotating order: a busy machine slows every way alike
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             images[name], took = timed(name, args.device, ways[name], n)
             seconds[name] += took
-    a, b, c = (n * args.rounds / seconds[name] for name in names)
-    print(f"images/s over {args.rounds} rounds: a={a:.3f} b={b:.3f} c={c:.3f}")
-    plain, single, batched = (images[name] for name in names)
-    diff_b = max(float(np.abs(x - y).max()) for x, y in zip(plain, single, strict=True))
-    diff_c = max(float(np.abs(x - y).max()) for x, y in zip(plain, batched, strict=True))
-    print(f"max |pixel| difference vs (a): b={diff_b:.2e} c={diff_c:.2e}")
+    rate = {name[1]: n * args.rounds / seconds[name] for name in names}
+    print(f"images/s over {args.rounds} rounds: " + " ".join(f"{k}={v:.3f}" for k, v in rate.items()))
+    plain = images[names[0]]
+    diffs = {}
+    for name in names[1:]:
+        if name.startswith("(d)"):
+            continue  # (d) renders other conditioning (one shared reference): not comparable to (a)
+        diffs[name[1]] = max(float(np.abs(x - y).max()) for x, y in zip(plain, images[name], strict=True))
+    print("max |pixel| difference vs (a): " + " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
     if args.device == "cuda":
         flops = unet_tflop_per_call(zoo / model["source"], res, args.batch)
         ceiling = bf16_ceiling(args.device)
-        achieved = flops * (n / args.batch * steps) * c / n
-        print(
-            f"UNet: {flops:.2f} TFLOP per batch-{args.batch} call; (c) achieved {achieved:.1f} TFLOP/s "
-            f"vs bf16 matmul ceiling {ceiling:.0f} TFLOP/s ({100 * achieved / ceiling:.0f}%)"
-        )
-    print(f"ratios: b/a={b / a:.2f} c/a={c / a:.2f}")
+        for way in ("c", "e"):
+            if way in rate:
+                achieved = flops * (n / args.batch * steps) * rate[way] / n
+                share = 100 * achieved / ceiling
+                print(f"UNet: {flops:.2f} TFLOP per batch-{args.batch} call; ({way}) achieved {achieved:.1f} "
+                      f"TFLOP/s vs bf16 matmul ceiling {ceiling:.0f} TFLOP/s ({share:.0f}%)")  # fmt: skip
+    wrong = {k: v for k, v in diffs.items() if v > MAX_DIFF}
+    if wrong:  # ratios of ways that made different images would compare different work
+        print(f"bench_generate: images differ from (a) beyond {MAX_DIFF}: {wrong}; no ratios", file=sys.stderr)
+        sys.exit(1)
+    a, b, c, d = rate["a"], rate["b"], rate["c"], rate["d"]
+    extra = f" e/c={rate['e'] / c:.2f}" if "e" in rate else ""
+    print(f"ratios: b/a={b / a:.2f} c/a={c / a:.2f} c/d={c / d:.2f}{extra}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_misspelled_key_names_path_and_suggestion(tmp_path: Path) -> None:
         load_flow(_write(tmp_path, data))
     assert err.value.problems == [
         "stages.generate.resources.batch_sise: unknown key (did you mean 'batch_size'?); "
-        "allowed: actors, batch_size, num_cpus, num_gpus"
+        "allowed: actors, batch_size, num_cpus, num_gpus, torch_threads"
     ]
 
 
@@ -85,6 +85,6 @@ def test_validate_cli_rejects_typo_with_nonzero_exit(tmp_path: Path, capsys: pyt
 def test_schema_is_json_schema_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    resources = schema["$defs"]["Resources"]["properties"]
+    resources = schema["$defs"]["GenerateResources"]["properties"]
     assert resources["batch_size"]["description"] == "Rows per actor batch."
     assert schema["additionalProperties"] is False

@@ -22,7 +22,7 @@ from ipa_ops.generate.manifest_plan import plan_manifest
 from ipa_ops.generate.plan import prepare
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
-from ipa_ops.stages.generate import GeneratorActor, run_generate
+from ipa_ops.stages.generate import GeneratorActor, run_generate, torch_threads
 from ipa_ops.store.dataset import EmbeddingStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +206,28 @@ def test_worker_crash_still_gives_every_row_once(workspace: tuple[Path, Path], z
     results = OutputDir(str(root / "crash")).read_results()
     assert summary["ok"] == 10
     assert sorted(results["id"]) == [f"g{i}" for i in range(10)]  # every row exactly once
+
+
+class ReportsThreads(GeneratorActor):
+    """Writes the torch threads it runs with into each row's `worker` field."""
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        out = super().__call__(batch)
+        out["worker"] = np.array([f"threads={torch.get_num_threads()}"] * len(out["worker"]), dtype=object)
+        return out
+
+
+def test_cpu_generator_actor_uses_the_machine(workspace: tuple[Path, Path], zoo_dir: Path) -> None:
+    """On a CPU-only cluster the generator's torch gets the cluster's cores (Ray alone would give it one)."""
+    root, manifest = workspace
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    flow = _flow(root, zoo_dir, manifest, "threads")
+    stage = flow.stages.generate
+    assert stage is not None and stage.resources.num_cpus == 1 and stage.resources.torch_threads is None
+    run_generate(flow, stage, actor_cls=ReportsThreads)
+    cores = int(ray.cluster_resources()["CPU"])
+    assert set(OutputDir(str(root / "threads")).read_results()["worker"]) == {f"threads={max(1, cores)}"}
+    assert torch_threads(stage.resources.model_copy(update={"torch_threads": 3})) == 3  # as set, when set
+    assert torch_threads(stage.resources.model_copy(update={"actors": 2})) == max(1, cores // 2)

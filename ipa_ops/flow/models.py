@@ -58,6 +58,15 @@ class ModelSpec(Strict):
         None,
         description="Alias (in `motion_adapters:`) of the AnimateDiff MotionAdapter that rows with task `video` use.",
     )
+    vae_slicing: bool = Field(False, description="Decode a batch's latents one image at a time (less peak memory).")
+    vae_tiling: bool = Field(
+        False, description="Decode large images in overlapping tiles (far less memory at 1024 px and up)."
+    )
+    cpu_offload: Literal["model", "sequential"] | None = Field(
+        None,
+        description="CUDA only: `model` keeps each component on the GPU only while it runs (small slowdown), "
+        "`sequential` each layer (smallest, slowest). Applied after the IP-Adapters load, as diffusers' guide says.",
+    )
     compile: bool | Literal["regional", "whole"] = Field(
         False,
         description="torch.compile the denoiser: `regional` (or `true`) compiles its repeated transformer blocks "

@@ -104,6 +104,16 @@ class Resources(Strict):
     batch_size: int = Field(8, ge=1, description="Rows per actor batch.")
 
 
+class GenerateResources(Resources):
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads in each generator actor. Default: left alone on GPU actors; on a "
+        "CPU-only cluster the cluster's cores divided among the actors, so a CPU run uses the whole machine "
+        "(Ray would otherwise give the actor one thread per CPU it reserves).",
+    )
+
+
 class ExtractResources(Resources):
     calls_per_actor: int | None = Field(
         None,
@@ -155,7 +165,7 @@ class GenerateStage(Strict):
         False, description="Encode references missing from the store on the fly instead of failing the row."
     )
     defaults: GenerateDefaults = Field(default_factory=GenerateDefaults)
-    resources: Resources = Field(default_factory=Resources)
+    resources: GenerateResources = Field(default_factory=GenerateResources)
     lease: LeaseSpec = Field(
         default_factory=LeaseSpec, description="One writer per output: what a second run on this output does."
     )

@@ -51,6 +51,7 @@ class IPBatchState:
     resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called by prepare()
     num_steps: Any = None  # callable() -> int, the pipeline's actual loop length
     general: bool = False  # compiled UNet: no data-dependent branches (see above)
+    device: str | torch.device = "cpu"  # where the UNet runs (with CPU offload, not where it waits)
     table: torch.Tensor | None = None  # [B, A, L, S] scale of every row, adapter, layer and step
     step: int = 0  # host copy of step_index, for the eager flags
     active: list[list[list[bool]]] = field(default_factory=list)  # [A][L][S]: some row's scale is not 0
@@ -60,10 +61,11 @@ class IPBatchState:
     _kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _distinct: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
 
-    def prepare(self, device: torch.device) -> None:
+    def prepare(self) -> None:
         """Resolve the step profile and every per-call decision; once per call (idempotent)."""
         if self.table is not None:
             return
+        device = self.device
         self.step_scales = self.resolve_steps(self.num_steps())
         table = self.layer_scales[..., None] * self.step_scales[:, :, None, :]
         masked = self.masked if self.masked is not None else torch.zeros(table.shape[:2], dtype=torch.bool)
@@ -291,7 +293,10 @@ def install(unet: Any) -> list[str]:
             processors[name] = proc
         else:
             processors[name] = proc
-    unet.set_attn_processor(processors)
+    # bind() runs twice per call: walking every module's processor each time costs ms per call
+    batched = [p for p in processors.values() if isinstance(p, BatchedIPAttnProcessor)]
+    unet.set_attn_processor(processors)  # (empties the dict)
+    unet._ipa_processors = batched
     if names and getattr(unet, "_ipa_prepare", None) is None:
         unet._ipa_prepare = unet.register_forward_pre_hook(_prepare_state)
     return names
@@ -301,12 +306,11 @@ def _prepare_state(unet: Any, args: Any) -> None:
     """UNet forward pre-hook: settle the bound call's state before its first step (eager, outside compile)."""
     state = getattr(unet, "_ipa_state", None)
     if state is not None:
-        state.prepare(unet.device)
+        state.prepare()
 
 
 def bind(unet: Any, state: IPBatchState | None) -> None:
     """Point every batched processor at this call's state (None: IP layers contribute nothing)."""
     unet._ipa_state = state
-    for proc in unet.attn_processors.values():
-        if isinstance(proc, BatchedIPAttnProcessor):
-            proc.state = state
+    for proc in getattr(unet, "_ipa_processors", ()):
+        proc.state = state

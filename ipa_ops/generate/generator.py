@@ -22,7 +22,7 @@ from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.schedules import ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
 from ipa_ops.flow.spec import AdapterSpec, Flow
-from ipa_ops.generate import attention, faceid, loras, tasks
+from ipa_ops.generate import attention, faceid, loras, memory, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import RowOutput, RowRequest
 from ipa_ops.generate.families import adapter_facts, family_of
@@ -65,16 +65,21 @@ class Generator:
         folder = resolve(spec.source, spec.subfolder, None, mirror, what=f"model {alias!r}").folder
         family = family_of(Path(folder))
         pipe = family.load(Path(folder), self.dtype(spec), spec.variant)
-        self.models[alias] = self.equip(pipe, family, compile=compile_plan(spec, self.device))
+        self.models[alias] = self.equip(pipe, family, compile=compile_plan(spec, self.device), spec=spec)
         return self.models[alias]
 
     def equip(
-        self, pipe: Any, family: ModelFamily, compile: tuple[str, str] | None = None, text_encoder_loras: bool = True
+        self,
+        pipe: Any,
+        family: ModelFamily,
+        compile: tuple[str, str] | None = None,
+        text_encoder_loras: bool = True,
+        spec: ModelSpec | None = None,
     ) -> LoadedModel:
         """Load every flow adapter that fits `pipe` (then the flow's LoRAs), and install the batched attention.
 
         Used for base pipelines and for pipelines with their own UNet (video); `text_encoder_loras=False`
-        when the text encoder is shared with a base that already has the LoRAs.
+        when the text encoder is shared with a base that already has the LoRAs; `spec` carries the memory options.
         """
         cross = family.cross_attention_dim(pipe)
         aliases, facts, files = [], [], []
@@ -93,11 +98,12 @@ class Generator:
                 image_encoder_folder=None,
             )
         loras.load(pipe, self.flow, text_encoder=text_encoder_loras)  # after the IP-Adapters, as the guide does
-        pipe.to(self.device)
+        memory.place(pipe, spec, self.device)  # after the adapters and LoRAs, as the guide says
         names = family.install_attention(pipe) if files else []
         if compile is not None:
             family.compile(pipe, *compile)
-        loaded = LoadedModel(pipe, family, aliases, facts, names, compiled=compile is not None)
+        compiled = compile is not None
+        loaded = LoadedModel(pipe, family, aliases, facts, names, compiled=compiled, dtype=family.dtype(pipe))
         loaded.faces = faceid.after_load(pipe, aliases, facts, self.flow)
         return loaded
 
@@ -205,7 +211,7 @@ class Generator:
         positives, negatives, valid, masks = [], [], [], []
         masked = torch.zeros(n_rows, n_adapters, dtype=torch.bool)
         family = loaded.family
-        dtype = family.dtype(pipe)
+        dtype = loaded.dtype
         for a, alias in enumerate(loaded.adapters):
             inputs = [next((x for x in r.adapters if x.alias == alias), None) for r in rows]
             used = [x for x in inputs if x is not None]
@@ -250,6 +256,7 @@ class Generator:
             masked=masked,
             cache_kv=self.cache_kv,
             general=loaded.compiled,
+            device=self.device,
             resolve_steps=resolve_steps,
             num_steps=lambda: pipe.num_timesteps,
         )
@@ -279,7 +286,8 @@ def compile_plan(spec: ModelSpec, device: str) -> tuple[str, str] | None:
 
 def _base(spec: ModelSpec) -> tuple:
     """What makes two model aliases the same loaded base pipeline."""
-    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile, spec.compile_mode)
+    memory = (spec.vae_slicing, spec.vae_tiling, spec.cpu_offload)
+    return (spec.source, spec.subfolder, spec.variant, spec.dtype, spec.compile, spec.compile_mode, *memory)
 
 
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ class LoadedModel:
     adapters: list[str]  # flow aliases in load order (the order of ip_adapter_image_embeds)
     facts: list[AdapterFacts]
     layer_names: list[str]
+    dtype: Any = None  # the denoiser's dtype, read once (reading it walks the parameters)
     compiled: bool = False  # the denoiser is torch.compiled: the batched attention takes no data-dependent branch
     task_pipes: dict[str, Any] = field(default_factory=dict)
     schedulers: dict[str | None, Any] = field(default_factory=dict)

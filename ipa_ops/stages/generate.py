@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.flow.spec import Flow, GenerateResources, GenerateStage
 from ipa_ops.generate import payload
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest, row_error
@@ -63,7 +63,11 @@ class PrepareRows:
 class GeneratorActor:
     """GPU stage: keeps the Generator (and its loaded pipelines) alive across batches."""
 
-    def __init__(self, flow_json: str, batch_size: int):
+    def __init__(self, flow_json: str, batch_size: int, torch_threads: int = 0):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.generator = Generator(Flow.model_validate_json(flow_json), batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -162,7 +166,7 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
         )
         ds = ds.map_batches(
             actor_cls,
-            fn_constructor_args=(flow.model_dump_json(), res.batch_size),
+            fn_constructor_args=(flow.model_dump_json(), res.batch_size, torch_threads(res)),
             batch_size=res.batch_size,
             compute=_pool(res.actors),
             num_gpus=gpus_per_actor(res.num_gpus),
@@ -201,6 +205,15 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
     )
     build_report(stage.output)
     return summary
+
+
+def torch_threads(res: GenerateResources) -> int:
+    """Threads for each generator actor's torch: as set; on a CPU-only cluster its cores shared by the actors."""
+    if res.torch_threads:
+        return res.torch_threads
+    if gpus_per_actor(res.num_gpus) > 0:
+        return 0  # leave the GPU actor's CPU threads to Ray
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // res.actors)
 
 
 def _bare_error(r: dict) -> dict:
