@@ -20,7 +20,7 @@ py=${PYTHON:-python3}
 
 if ! "$py" -c "import diffusers, pydantic" 2>/dev/null; then
   [ -d .whl ] || { echo "gpu.sh: diffusers/pydantic missing and no .whl/ folder; run benchmarks/gpu_wheels.sh and carry .whl" >&2; exit 2; }
-  "$py" -m pip install -q --no-index --find-links .whl diffusers pydantic
+  "$py" -m pip install -q --no-index --find-links .whl diffusers importlib_metadata pydantic
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
