@@ -322,7 +322,7 @@ def test_submit_runs_the_flow_on_a_cluster_once(ray_head: str, zoo_dir: Path, tm
             _ipa("stop", job_id, "--address", ray_head)
     results = OutputDir(str(out)).read_results()
     assert sorted(results["id"]) == ["qs-1", "qs-2", "qs-3", "qs-4"] and set(results["status"]) == {"ok"}
-    assert len(list((out / "images").glob("*.png"))) == 4
+    assert len(list((out / "images").glob("*/*.png"))) == 4
     (record,) = read_ledger(str(out))
     assert (record["run_id"], record["status"], record["counts"]["generate"]["ok"]) == (job_id, "ok", 4)
     assert record["flow_hash"] in job_id  # the job ran the flow the submitter hashed

@@ -28,7 +28,7 @@ def test_demo_end_to_end(
     assert f"report:  {out / 'quickstart' / 'report.html'}" in printed
     results = OutputDir(str(out / "quickstart")).read_results()
     assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}
-    assert len(list((out / "quickstart" / "images").glob("*.png"))) == len(manifest)
+    assert len(list((out / "quickstart" / "images").glob("*/*.png"))) == len(manifest)
     report = (out / "quickstart" / "report.html").read_text()
     assert report.count("<img") >= 2 * len(manifest)  # a reference and an output per row
     for prompt in manifest["prompt"]:

@@ -71,8 +71,9 @@ def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Pat
     out = OutputDir(str(root / "resume"))
     results = out.read_results()
     assert sorted(results["id"]) == [f"g{i}" for i in range(10)] and set(results["status"]) == {"ok"}
-    images = sorted((root / "resume" / "images").glob("*.png"))
+    images = sorted((root / "resume" / "images").glob("*/*.png"))  # fanned out: images/<key[:2]>/<key>.png
     assert len(images) == 10 and all(Image.open(p).size == (64, 64) for p in images)
+    assert all(p.parent.name == p.stem[:2] for p in images) and set(results["row_key"]) == {p.stem for p in images}
     report = (root / "resume" / "report.html").read_text()
     assert all(f"a test image number {i}" in report for i in range(10))
     assert json.loads((root / "resume" / "run.json").read_text())["counts"]["ok"] == 10
@@ -83,7 +84,7 @@ def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Pat
         path.unlink()
     second = run_generate(flow, flow.stages.generate)
     assert (second["ok"], second["skipped"]) == (3, 7)
-    assert len(out.read_results()) == 13 and len(list((root / "resume" / "images").glob("*.png"))) == 10
+    assert len(out.read_results()) == 13 and len(list((root / "resume" / "images").glob("*/*.png"))) == 10
     third = run_generate(flow, flow.stages.generate)
     assert (third["ok"], third["skipped"]) == (0, 10)
     assert len(out.read_results()) == 13

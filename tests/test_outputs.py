@@ -86,8 +86,9 @@ def test_row_key_stable_across_processes() -> None:
 def test_paths_come_only_from_hex_keys(tmp_path: Path) -> None:
     out = OutputDir(str(tmp_path / "out"))
     key = row_key({"id": "../../etc/passwd"})
-    assert out.image_path(key) == f"{tmp_path}/out/images/{key}.png"
-    assert out.image_path(key, "gif").endswith(f"images/{key}.gif")
+    assert out.image_path(key) == f"{tmp_path}/out/images/{key[:2]}/{key}.png"  # fanned out by 2 hex chars
+    assert out.image_path(key, "gif").endswith(f"images/{key[:2]}/{key}.gif")
+    assert out.frame_path(key, 3).endswith(f"images/{key[:2]}/{key}/00003.png")
     for bad in ("../../etc/passwd", "ABC", "a/b", ""):
         with pytest.raises(ValueError, match="not a hex digest"):
             out.image_path(bad)
@@ -103,7 +104,7 @@ def test_manifest_id_cannot_influence_paths(tmp_path: Path) -> None:
     out.write_bytes_atomic(out.image_path(key), b"png")
     out.append_results([_row("../../etc/passwd", key, "ok", [out.image_path(key)])])
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written[0] == f"out/images/{key}.png" and len(written) == 2
+    assert written[0] == f"out/images/{key[:2]}/{key}.png" and len(written) == 2
     assert written[1].startswith("out/results/part-") and written[1].endswith(".parquet")
     assert out.read_results()["id"].tolist() == ["../../etc/passwd"]
 
@@ -118,9 +119,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         out.write_bytes_atomic(path, half_then_fail)
-    assert list((tmp_path / "images").iterdir()) == []  # neither the file nor its temp
+    assert [p for p in (tmp_path / "images").rglob("*") if p.is_file()] == []  # neither the file nor its temp
     out.write_bytes_atomic(path, lambda f: f.write(b"whole"))
-    assert Path(path).read_bytes() == b"whole" and len(list((tmp_path / "images").iterdir())) == 1
+    assert Path(path).read_bytes() == b"whole" and len(list((tmp_path / "images" / "ab").iterdir())) == 1
 
 
 def _row(rid: str, key: str, status: str, outputs: list[str], finished: str = "2024-01-01T00:00:00Z") -> dict:
@@ -149,7 +150,7 @@ def test_done_keys_latest_row_wins_and_files_must_exist(tmp_path: Path) -> None:
             _row("a", keys[0], "error", [], "2024-01-01T00:00:00Z"),
             _row("b", keys[1], "ok", [out.image_path(keys[1])], "2024-01-01T00:00:00Z"),
             _row("c", keys[2], "ok", [out.image_path(keys[2])]),
-            _row("d", keys[3], "ok", [f"images/{keys[3]}.png"]),  # relative to the output root
+            _row("d", keys[3], "ok", [f"images/{keys[3][:2]}/{keys[3]}.png"]),  # relative to the output root
             _row("e", keys[4], "ok", []),
             _row("x", "", "error", []),  # a row that never got a key
         ]
@@ -200,3 +201,28 @@ def test_run_json_and_versions(tmp_path: Path) -> None:
     assert set(found) >= {"ipa", "torch", "diffusers", "transformers", "ray", "insightface"} and found["ipa"]
     out.write_run_json({"counts": {"ok": 2}, "versions": found})
     assert out.read_run_json() == {"counts": {"ok": 2}, "versions": found}
+
+
+def test_images_fan_out_and_flat_layout_stays_done(tmp_path: Path) -> None:
+    from ipa_ops.generate.tasks import write_outputs
+
+    out = OutputDir(str(tmp_path / "out"))
+    new, video, old = "ab" * 10, "ef" * 10, "cd" * 10
+    image = write_outputs(out, new, np.zeros((8, 8, 3), np.uint8))
+    assert image == [f"{out.uri}/images/ab/{new}.png"] and Path(image[0]).is_file()
+    frames = write_outputs(out, video, np.zeros((2, 8, 8, 3), np.uint8))
+    assert frames[0] == f"{out.uri}/images/ef/{video}.gif"
+    assert frames[1:] == [f"{out.uri}/images/ef/{video}/0000{i}.png" for i in range(2)]
+    assert all(Path(p).is_file() for p in frames)
+    out.write_bytes_atomic(out.path("images", f"{old}.png"), b"png")  # written by the flat layout of before
+    out.append_results(
+        [
+            _row("n", new, "ok", image),
+            _row("v", video, "ok", frames),
+            _row("o", old, "ok", [f"images/{old}.png"]),
+        ]
+    )
+    assert out.done_keys() == {new, video, old}
+    os.remove(out.path("images", f"{old}.png"))
+    os.remove(frames[2])  # a video is done only with all its frames
+    assert out.done_keys() == {new}

@@ -40,7 +40,7 @@ def _output_dir(tmp_path: Path) -> OutputDir:
     mask = _png(tmp_path / "mask.png", (255, 255, 255))
     png = out.image_path("aa" * 10)
     out.write_bytes_atomic(png, lambda f: Image.new("RGB", (64, 64), (9, 9, 9)).save(f, format="PNG"))
-    gif = out.image_path("bb" * 10, "gif")
+    gif = out.path("images", f"{'bb' * 10}.gif")  # a row written in the old flat layout: still shown
     out.write_bytes_atomic(gif, _gif())
     shared = {"references": [ref, "ab" * 32 + "/vit-h@1"], "masks": [mask], "scale": '{"preset": "style"}'}
     out.append_results(
@@ -71,7 +71,7 @@ def test_report_lines_escape_and_embed(tmp_path: Path) -> None:
     assert "<script>" not in page and "<bad>" not in page and "&lt;bad&gt; &amp; worse" in page
     line_a = next(r for r in rows if r.startswith("<tr><td>a<"))
     assert 'class="ok"' in line_a and "&lt;bad&gt;" not in line_a  # the earlier error row is not shown
-    assert f'<a href="images/{"aa" * 10}.png"><img src="data:image/png;base64,' in line_a
+    assert f'<a href="images/aa/{"aa" * 10}.png"><img src="data:image/png;base64,' in line_a  # fanned out
     assert line_a.count("<img") == 3  # reference thumbnail, mask thumbnail, output; the store key as text
     assert "ab" * 32 + "/vit-h@1" in line_a and html.escape('{"preset": "style"}') in line_a
     line_c = next(r for r in rows if r.startswith("<tr><td>c<"))

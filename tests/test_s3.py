@@ -79,8 +79,9 @@ def test_a_reader_never_sees_a_partial_object(s3: Any) -> None:
 
     def read() -> None:
         while not done.is_set():
-            names = s3.ls(f"{BUCKET}/atomic/images", refresh=True) if s3.exists(f"{BUCKET}/atomic/images") else []
-            bad.extend(n for n in names if not re.search(r"/images/[0-9a-f]{20}\.png$", n))  # no temp objects
+            folder = f"{BUCKET}/atomic/images/ab"  # the fan-out folder of the key written
+            names = s3.ls(folder, refresh=True) if s3.exists(folder) else []
+            bad.extend(n for n in names if not re.search(r"/images/ab/[0-9a-f]{20}\.png$", n))  # no temp objects
             try:
                 data = s3.cat_file(path)
             except FileNotFoundError:

@@ -147,7 +147,8 @@ def test_video_flow_on_the_ray_stage_writes_gif_and_frames(
     results = OutputDir(str(tmp_path / "out")).read_results()
     outputs = list(results.iloc[0]["outputs"])
     key = results.iloc[0]["row_key"]
-    assert outputs[0].endswith(f"images/{key}.gif") and len(outputs) == 4
+    assert outputs[0].endswith(f"images/{key[:2]}/{key}.gif") and len(outputs) == 4
+    assert all(Path(p).parent == Path(outputs[0]).with_suffix("") for p in outputs[1:])  # frames: images/<k[:2]>/<k>/
     assert [Path(p).name for p in outputs[1:]] == ["00000.png", "00001.png", "00002.png"]
     gif = Image.open(outputs[0])
     assert gif.n_frames == 3 and gif.size == (64, 64)

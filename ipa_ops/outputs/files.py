@@ -15,8 +15,9 @@ GIF_FPS = 10  # diffusers' `export_to_gif` default
 def write_outputs(out: OutputDir, row_key: str, array: np.ndarray) -> list[str]:
     """Write a row's uint8 output; returns the URIs for the results row (what the report shows first).
 
-    An image (H, W, 3) becomes `images/<key>.png`; a video (F, H, W, 3) becomes `images/<key>.gif`
-    (looping, 10 fps, as `diffusers.utils.export_to_gif`) followed by `images/<key>/<i>.png` frames.
+    An image (H, W, 3) becomes `images/<key[:2]>/<key>.png`; a video (F, H, W, 3) becomes
+    `images/<key[:2]>/<key>.gif` (looping, 10 fps, as `diffusers.utils.export_to_gif`) followed by
+    `images/<key[:2]>/<key>/<i>.png` frames (paths from `OutputDir.image_path` / `frame_path`).
     """
     from PIL import Image
 

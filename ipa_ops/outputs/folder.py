@@ -1,6 +1,10 @@
 """The output directory contract: row keys, atomic commits, results parts and run.json.
 
-    <output>/images/<row_key>.png        an image exists only once complete (temp name + rename)
+    <output>/images/<k[:2]>/<row_key>.png  an image exists only once complete (temp name + rename);
+                                         fanned out by the key's first two hex chars, so no folder
+                                         holds more than ~1/256 of the images (older outputs in the
+                                         flat `images/<row_key>.png` stay valid: results rows name
+                                         their files, and done-detection checks those)
     <output>/results/part-*.parquet      one row per finished attempt; parts are never rewritten
     <output>/run.json                    flow snapshot, counts, timings, versions
     <output>/report.html                 contact sheet (report.py)
@@ -119,12 +123,17 @@ class OutputDir:
         return posixpath.join(self.uri, *parts)
 
     def image_path(self, row_key: str, ext: str = "png") -> str:
-        """`<output>/images/<row_key>.<ext>`; only hex keys, so a path can never leave `images/`."""
-        return self.path("images", f"{_check_key(row_key)}.{_check_ext(ext)}")
+        """`<output>/images/<key[:2]>/<row_key>.<ext>`; only hex keys, so a path can never leave `images/`.
+
+        The fan-out keeps folders small (tools and the Hugging Face Hub struggle past ~10^4 files).
+        """
+        key = _check_key(row_key)
+        return self.path("images", key[:2], f"{key}.{_check_ext(ext)}")
 
     def frame_path(self, row_key: str, index: int, ext: str = "png") -> str:
-        """`<output>/images/<row_key>/<index>.png`: the frames of a video row."""
-        return self.path("images", _check_key(row_key), f"{int(index):05d}.{_check_ext(ext)}")
+        """`<output>/images/<key[:2]>/<row_key>/<index>.png`: the frames of a video row, fanned out too."""
+        key = _check_key(row_key)
+        return self.path("images", key[:2], key, f"{int(index):05d}.{_check_ext(ext)}")
 
     def resolve(self, entry: str) -> str:
         """An `outputs` entry as a URI: absolute ones as they are, others relative to the output root."""

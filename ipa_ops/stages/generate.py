@@ -103,8 +103,8 @@ def _npy(image: np.ndarray | None) -> bytes:
 
 
 class CommitImages:
-    """CPU stage: encode and write each row's files atomically: images/<row_key>.png, or for a video
-    images/<row_key>.gif and its frames (outputs/files.py); `output` is their JSON list."""
+    """CPU stage: encode and write each row's files atomically: images/<k[:2]>/<row_key>.png, or for
+    a video images/<k[:2]>/<row_key>.gif and its frames (outputs/files.py); `output` is their JSON list."""
 
     def __init__(self, output_uri: str):
         self.out = OutputDir(output_uri)
