@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from zoo_flows import zoo_flow
 
+from ipa_ops.cli import main
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
@@ -71,6 +72,8 @@ def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Pat
     out = OutputDir(str(root / "resume"))
     results = out.read_results()
     assert sorted(results["id"]) == [f"g{i}" for i in range(10)] and set(results["status"]) == {"ok"}
+    parts = root / "resume" / "results"
+    assert len(list(parts.glob("part-*.parquet"))) == 1  # buffered: one part for the run, not one per batch
     images = sorted((root / "resume" / "images").glob("*/*.png"))  # fanned out: images/<key[:2]>/<key>.png
     assert len(images) == 10 and all(Image.open(p).size == (64, 64) for p in images)
     assert all(p.parent.name == p.stem[:2] for p in images) and set(results["row_key"]) == {p.stem for p in images}
@@ -84,6 +87,7 @@ def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Pat
         path.unlink()
     second = run_generate(flow, flow.stages.generate)
     assert (second["ok"], second["skipped"]) == (3, 7)
+    assert len(list(parts.glob("part-*.parquet"))) == 2  # one part per run
     assert len(out.read_results()) == 13 and len(list((root / "resume" / "images").glob("*/*.png"))) == 10
     third = run_generate(flow, flow.stages.generate)
     assert (third["ok"], third["skipped"]) == (0, 10)
@@ -207,6 +211,7 @@ def test_worker_crash_still_gives_every_row_once(workspace: tuple[Path, Path], z
     results = OutputDir(str(root / "crash")).read_results()
     assert summary["ok"] == 10
     assert sorted(results["id"]) == [f"g{i}" for i in range(10)]  # every row exactly once
+    assert len(list((root / "crash" / "results").glob("part-*.parquet"))) == 1
 
 
 class ReportsThreads(GeneratorActor):
@@ -232,3 +237,71 @@ def test_cpu_generator_actor_uses_the_machine(workspace: tuple[Path, Path], zoo_
     assert set(OutputDir(str(root / "threads")).read_results()["worker"]) == {f"threads={max(1, cores)}"}
     assert torch_threads(stage.resources.model_copy(update={"torch_threads": 3})) == 3  # as set, when set
     assert torch_threads(stage.resources.model_copy(update={"actors": 2})) == max(1, cores // 2)
+
+
+
+KILLED_DRIVER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import ray
+from zoo_flows import zoo_flow
+from ipa_ops import results_writer
+from ipa_ops.stages.generate import run_generate
+
+real_commit = results_writer.ResultsWriter.commit
+
+def commit_then_die(self):  # kill -9 of this driver (and its Ray) right after its first committed part
+    path = real_commit(self)
+    if path:
+        os.killpg(0, signal.SIGKILL)
+    return path
+
+results_writer.ResultsWriter.commit = commit_then_die
+root, zoo, manifest = map(Path, sys.argv[1:4])
+overrides = ("stages.generate.resources.batch_size=2", "stages.generate.commit_rows=2")
+flow = zoo_flow("quickstart", root, zoo, manifest, *overrides, steps=3, output="killed")
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+run_generate(flow, flow.stages.generate)
+"""
+
+
+def test_driver_killed_mid_run_then_rerun_gives_every_row_once_ok(
+    workspace: tuple[Path, Path], zoo_dir: Path
+) -> None:
+    """kill -9 of the driver (and its embedded Ray) after its first buffered commit, then a rerun."""
+    import contextlib
+    import signal
+    import subprocess
+
+    root, manifest = workspace
+    results = root / "killed" / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER, str(root), str(zoo_dir), str(manifest), str(REPO / "tests")],
+        start_new_session=True,  # its own process group: the driver and the Ray it started die together
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    out = OutputDir(str(root / "killed"))
+    committed = out.read_results()
+    assert len(committed) == 2  # the first window; the rows buffered or in flight after it are lost
+    assert len(list(results.glob("part-*.parquet"))) == 1
+
+    flow = _flow(root, zoo_dir, manifest, "killed")
+    assert flow.stages.generate is not None
+    summary = run_generate(flow, flow.stages.generate)
+    assert (summary["ok"], summary["skipped"]) == (8, 2)
+    results_df = out.read_results()
+    assert sorted(results_df["id"]) == [f"g{i}" for i in range(10)] and set(results_df["status"]) == {"ok"}
+    images = {p.stem for p in (root / "killed" / "images").glob("*/*.png")}
+    assert images == set(results_df["row_key"]) and out.done_keys() == images
+    assert len(list(results.glob("part-*.parquet"))) == 2  # the killed run's part and the rerun's one
+    assert main(["compact", str(root / "killed")]) == 0
+    assert len(list(results.glob("part-*.parquet"))) == 2  # already one part per run: nothing to merge
+    assert sorted(out.read_results()["id"]) == [f"g{i}" for i in range(10)]

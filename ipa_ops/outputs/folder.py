@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from ipa_ops import results_parts
 from ipa_ops.canonical import canonical_json
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
@@ -184,25 +185,38 @@ class OutputDir:
             raise
         return path
 
-    def append_results(self, rows: list[Mapping[str, Any]]) -> str:
-        """Write `rows` as a new part `results/part-<timestamp>-<uuid>.parquet`; '' when there are none."""
+    def append_results(self, rows: list[Mapping[str, Any]], name: str | None = None) -> str:
+        """Write `rows` as a new part (default `results/part-<timestamp>-<uuid>.parquet`); '' when none.
+
+        `name` is set by the buffered writer (results_writer.py), whose names carry the run.
+        """
         if not rows:
             return ""
+        return self.write_results_table(results_table(rows), name)
+
+    def write_results_table(self, table: pa.Table, name: str | None = None) -> str:
+        """Commit a table as one results part, stamped with the schema version, atomically."""
         buf = io.BytesIO()
-        pq.write_table(results_table(rows), buf)
-        name = f"part-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:12]}.parquet"
+        pq.write_table(results_parts.stamp(table), buf)
+        name = name or f"part-{results_parts.timestamp()}-{uuid.uuid4().hex[:12]}.parquet"
         return self.write_bytes_atomic(self.path("results", name), buf.getvalue())
 
-    def read_results(self) -> pd.DataFrame:
-        """All results rows, parts in name (time) order; an empty frame with the schema when none."""
-        parts = sorted(self.fs.glob(posixpath.join(self.root, "results", "part-*.parquet")))
-        if not parts:
-            return RESULTS_SCHEMA.empty_table().to_pandas()
-        tables = []
-        for part in parts:
-            with self.fs.open(part, "rb") as f:
-                tables.append(pq.read_table(f))
-        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    def results_dir(self) -> str:
+        return posixpath.join(self.root, "results")
+
+    def read_results(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """All results rows (only `columns`, when given), parts in name (time) order, each attempt once.
+
+        An empty frame with the schema when there are none. Unreadable parts are quarantined
+        (results_parts.py), so their rows count as not done.
+        """
+        tables = results_parts.read_parts(self.fs, self.results_dir(), columns)
+        if not tables:
+            empty = RESULTS_SCHEMA.empty_table()
+            wanted = RESULTS_SCHEMA.names if columns is None else [c for c in columns if c in RESULTS_SCHEMA.names]
+            return empty.select(wanted).to_pandas()
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return results_parts.dedupe_attempts(table.to_pandas())
 
     def done_keys(self) -> set[str]:
         """Keys whose latest results row is `ok` and whose output files all exist."""

@@ -4,9 +4,10 @@
     masks, init images) ─► GeneratorActor pool (models only) ─► encode PNG + commit (CPU tasks)
     ─► results parts (driver, appended as batches arrive)
 
-A bad row becomes an `error` results row and the others go on. Results are appended as they
-stream in, so a crash loses only rows whose results were not yet written; their keys are not
-done, so the next run makes them again.
+A bad row becomes an `error` results row and the others go on. Results are buffered on the driver
+and committed as a part every `commit_rows` rows or `commit_seconds` seconds (results_writer.py),
+and on exit; a crash loses only rows whose results were not yet committed; their keys are not
+done, so the next run makes them again. At the end the run's parts are merged into one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ipa_ops.generate.plan import RowPlan, prepare
 from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.report import build_report
+from ipa_ops.results_writer import ResultsWriter
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.store.dataset import EmbeddingStore
 
@@ -150,9 +152,44 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
     done = out.done_keys()
     todo = [p for p in plans if p.row_key not in done]
     skipped = len(plans) - len(todo)
+    writer = ResultsWriter(out, stage.commit_rows, stage.commit_seconds)
+    try:
+        counts = _generate(flow, stage, todo, bad, skipped, writer, actor_cls)
+    except BaseException:
+        writer.close(compact=False)  # what finished is kept; the rest is made again next run
+        raise
+    writer.close()
+    elapsed = time.perf_counter() - start
+    summary = {
+        **counts,
+        "rows": len(plans) + len(bad),
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed else 0.0,
+    }
+    out.write_run_json(
+        {
+            "flow": json.loads(flow.model_dump_json()),
+            "counts": summary,
+            "versions": versions(),
+            "finished_at": _now().isoformat(),
+        }
+    )
+    build_report(stage.output)
+    return summary
+
+
+def _generate(
+    flow: Flow,
+    stage: GenerateStage,
+    todo: list[RowPlan],
+    bad: list[dict],
+    skipped: int,
+    writer: ResultsWriter,
+    actor_cls: type,
+) -> dict[str, int]:
+    """Run the pipeline over `todo`, handing every finished row to `writer`; returns the counts."""
     failed_rows = [{"id": e["id"], "row_key": "", "status": e.get("status", "error"), "error": e["error"]} for e in bad]
-    if failed_rows:
-        out.append_results([_bare_error(r) for r in failed_rows])
+    writer.add([_bare_error(r) for r in failed_rows])
     n_failed = sum(r["status"] == "error" for r in failed_rows)
     counts = {"ok": 0, "error": n_failed, "skipped": skipped + len(failed_rows) - n_failed}
     seen: set[str] = set()
@@ -187,24 +224,8 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
                 status = "error" if error else "ok"
                 counts[status] += 1
                 rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
-            out.append_results(rows)
-    elapsed = time.perf_counter() - start
-    summary = {
-        **counts,
-        "rows": len(plans) + len(bad),
-        "seconds": round(elapsed, 3),
-        "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed else 0.0,
-    }
-    out.write_run_json(
-        {
-            "flow": json.loads(flow.model_dump_json()),
-            "counts": summary,
-            "versions": versions(),
-            "finished_at": _now().isoformat(),
-        }
-    )
-    build_report(stage.output)
-    return summary
+            writer.add(rows)
+    return counts
 
 
 def torch_threads(res: GenerateResources) -> int:
