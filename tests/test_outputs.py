@@ -226,3 +226,57 @@ def test_images_fan_out_and_flat_layout_stays_done(tmp_path: Path) -> None:
     os.remove(out.path("images", f"{old}.png"))
     os.remove(frames[2])  # a video is done only with all its frames
     assert out.done_keys() == {new}
+
+
+def test_done_keys_of_planned_keys_read_four_columns_and_list_no_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun of a few rows on object storage asks for those rows' files, never lists images/."""
+    from ipa_ops import done_index, results_parts
+
+    out = OutputDir("memory://ipa-test-done-index")
+    keys = [f"{i:02x}" + "0" * 18 for i in range(0, 256, 8)]  # 32 keys in 32 fan-out folders
+    for key in keys:
+        out.write_bytes_atomic(out.image_path(key), b"img")
+    out.append_results([_row(f"r{i}", key, "ok", [out.image_path(key)]) for i, key in enumerate(keys)])
+    out.fs.rm(out.image_path(keys[1]))
+    read_columns: list[Any] = []
+    real_read = results_parts.read_part
+
+    def spy_read(fs: Any, path: str, columns: list[str] | None = None) -> Any:
+        read_columns.append(columns)
+        return real_read(fs, path, columns)
+
+    def no_listing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"listed {args[:1]}")
+
+    monkeypatch.setattr(results_parts, "read_part", spy_read)
+    monkeypatch.setattr(out.fs, "find", no_listing)
+    monkeypatch.setattr(out.fs, "glob", no_listing)
+    real_ls = type(out.fs).ls
+    monkeypatch.setattr(
+        out.fs, "ls", lambda path, *a, **k: no_listing(path) if "/images" in path else real_ls(out.fs, path, *a, **k)
+    )
+    assert out.done_keys({keys[0], keys[1], keys[2], "ff" * 10}) == {keys[0], keys[2]}
+    assert read_columns == [done_index.COLUMNS]  # row_key, status, finished_at, outputs: not provenance
+
+
+def test_done_keys_lists_a_folder_once_when_many_files_are_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipa_ops import done_index
+
+    out = OutputDir("memory://ipa-test-done-listing")
+    keys = [f"ab{i:018x}" for i in range(done_index.LIST_AT + 2)]  # all in images/ab/
+    for key in keys:
+        out.write_bytes_atomic(out.image_path(key), b"img")
+    out.append_results([_row(f"r{i}", key, "ok", [out.image_path(key)]) for i, key in enumerate(keys)])
+    out.fs.rm(out.image_path(keys[3]))
+    asked: list[str] = []
+    real_exists = out.fs.exists
+
+    def spy_exists(path: str, **kwargs: Any) -> bool:
+        asked.append(str(path))
+        return real_exists(path, **kwargs)
+
+    monkeypatch.setattr(out.fs, "exists", spy_exists)
+    assert out.done_keys(keys) == set(keys) - {keys[3]}
+    monkeypatch.undo()
+    heads = [p for p in list(asked) if "/images/" in p]
+    assert heads == []  # one listing of images/ab/, no HEAD per image

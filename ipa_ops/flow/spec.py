@@ -168,6 +168,7 @@ class GenerateStage(Strict):
     resources: GenerateResources = Field(default_factory=GenerateResources)
     lease: LeaseSpec = Field(
         default_factory=LeaseSpec, description="One writer per output: what a second run on this output does."
+    )
     commit_rows: int = Field(
         5000, ge=1, description="Results rows the driver buffers before committing them as one Parquet part "
         "(few large parts; a crash loses at most these, and the next run makes them again)."

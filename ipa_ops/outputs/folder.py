@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from ipa_ops import results_parts
+from ipa_ops import done_index, results_parts
 from ipa_ops.canonical import canonical_json
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
@@ -218,22 +218,23 @@ class OutputDir:
         table = pa.concat_tables(tables, promote_options="permissive")
         return results_parts.dedupe_attempts(table.to_pandas())
 
-    def done_keys(self) -> set[str]:
-        """Keys whose latest results row is `ok` and whose output files all exist."""
-        df = self.read_results()
-        df = df[df["row_key"].fillna("").astype(str) != ""]
-        ok = latest(df, "row_key")
-        ok = ok[ok["status"] == "ok"]
+    def done_keys(self, candidates: Iterable[str] | None = None) -> set[str]:
+        """Keys whose latest results row is `ok` and whose output files all exist.
+
+        `candidates` (the keys a run plans) limits the look-up to those keys. Only four results
+        columns are read and only the folders of wanted files are asked (done_index.py), so a
+        rerun does not pay for the folder's whole history.
+        """
+        ok = done_index.latest_ok(self.read_results(columns=done_index.COLUMNS), candidates)
         if ok.empty:
             return set()
-        images = self._strip(self.path("images"))
-        present = set(map(self._strip, self.fs.find(images))) if self.fs.isdir(images) else set()
-        done = set()
+        wanted: dict[str, list[str]] = {}
         for key, outputs in zip(ok["row_key"], ok["outputs"], strict=True):
             files = [self._strip(self.resolve(str(o))) for o in (outputs if outputs is not None else [])]
-            if files and all(f in present or (not f.startswith(images + "/") and self.fs.exists(f)) for f in files):
-                done.add(str(key))
-        return done
+            if files:
+                wanted[str(key)] = files
+        found = done_index.present(self.fs, (f for files in wanted.values() for f in files), self.local)
+        return {key for key, files in wanted.items() if all(f in found for f in files)}
 
     def write_run_json(self, data: Mapping[str, Any]) -> str:
         """`run.json`: flow snapshot, counts, timings, versions (whatever the run records), atomically."""
