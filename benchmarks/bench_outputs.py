@@ -1,0 +1,169 @@
+"""Output-side costs at 10^4 / 10^5 / 10^6 rows: rerun (done-detection + skip), report, compaction.
+
+    .venv/bin/python benchmarks/bench_outputs.py [--sizes 10000 100000 1000000] [--root DIR]
+
+For each size it synthesises an output folder in the layout a real run leaves: images as small
+files under `images/<k[:2]>/`, results rows as the generate stage writes them (full rows with
+provenance, committed through `ResultsWriter` every 5,000 rows, then compacted at the end of the
+run, which is the compaction figure). Then, each in a fresh process so peak RSS is its own:
+
+- done: `OutputDir.done_keys(planned keys)`, the done-detection a rerun does;
+- rerun: done-detection plus skipping every planned key (all done). Planning a manifest
+  (`plan_manifest`) is not part of it: that cost is the manifest side's, measured by `ipa validate`;
+- report: `build_report` after a second run added 1,000 rows (only up to `--report-max` rows:
+  today's report embeds every row's thumbnail, so it is skipped, printed as `-`, above that).
+
+Prints one `outputs: rows=<n> rerun_s=<x> report_s=<y> rss_gb=<z>` line per size (rss_gb: peak of
+the rerun process), then one `detail:` line with the other figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ipa_ops.outputs import OutputDir  # noqa: E402
+from ipa_ops.results_writer import ResultsWriter  # noqa: E402
+
+PNG = bytes.fromhex(  # a valid 1x1 PNG: images are small files, as the issue asks
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0"
+    "00000301010018dd8db00000000049454e44ae426082"
+)
+CHUNK = 5000
+
+
+def keys_for(n: int, salt: str = "") -> list[str]:
+    """Row keys as planning hands them over (20 hex); made with a bare sha256, not timed."""
+    return [hashlib.sha256(f"{salt}/{i}".encode()).hexdigest()[:20] for i in range(n)]
+
+
+def synthesise(out: OutputDir, keys: list[str], when: str = "2025-01-01T00:00:00Z") -> float:
+    """Images and results of one run over `keys`; returns the seconds its end-of-run compaction took."""
+    root = Path(out.root)
+    for key in keys:
+        folder = root / "images" / key[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{key}.png", "wb") as f:
+            f.write(PNG)
+    writer = ResultsWriter(out, rows=CHUNK, seconds=1e9)
+    for start in range(0, len(keys), CHUNK):
+        writer.add([_row(i, key, out, when) for i, key in enumerate(keys[start : start + CHUNK], start)])
+    writer.commit()
+    began = time.perf_counter()
+    writer.close()
+    return time.perf_counter() - began
+
+
+def _row(i: int, key: str, out: OutputDir, when: str) -> dict:
+    refs = [f"data/refs/ref-{i % 4}.png"]
+    return {
+        "id": f"row-{i:07d}",
+        "row_key": key,
+        "status": "ok",
+        "error": "",
+        "outputs": [out.image_path(key)],
+        "seed": i,
+        "started_at": when,
+        "finished_at": when,
+        "seconds": 0.25,
+        "worker": "bench:0:cpu",
+        "prompt": f"a synthesised prompt number {i} with a few more words in it",
+        "references": refs,
+        "masks": [],
+        "scale": "0.6",
+        "provenance": {
+            "model_fingerprint": "m" * 16,
+            "adapter_fingerprints": {"style": "a" * 16},
+            "embedding_keys": [f"{'e' * 64}/vit-h@{'f' * 12}"],
+            "schedule_hash": "s" * 16,
+            "request": {"prompt": f"prompt {i}", "seed": i, "steps": 30, "width": 512, "height": 512},
+        },
+    }
+
+
+def measure(kind: str, uri: str, n: int) -> dict:
+    """One measurement in this (fresh) process."""
+    out = OutputDir(uri)
+    if kind in ("done", "rerun"):
+        planned = keys_for(n)  # the planned keys are the input of both
+        t0 = time.perf_counter()
+        done = out.done_keys(planned)
+        done_s = time.perf_counter() - t0
+        todo = [k for k in planned if k not in done]  # the skip: what a rerun hands to generation
+        assert len(done) == n and not todo, (len(done), len(todo))
+        seconds = done_s if kind == "done" else time.perf_counter() - t0
+    else:
+        from ipa_ops.report import build_report
+
+        t0 = time.perf_counter()
+        build_report(uri)
+        seconds = time.perf_counter() - t0
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"seconds": round(seconds, 2), "rss_gb": round(rss_gb, 2)}
+
+
+def _child(kind: str, uri: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, "--uri", uri, "--rows", str(n)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench(n: int, root: Path, report_max: int) -> None:
+    folder = root / f"out-{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    out = OutputDir(str(folder))
+    t0 = time.perf_counter()
+    compact_s = synthesise(out, keys_for(n))
+    synth_s = time.perf_counter() - t0 - compact_s
+    parts = len(list((folder / "results").glob("part-*.parquet")))
+    done = _child("done", str(folder), n)
+    rerun = _child("rerun", str(folder), n)
+    report: dict = {"seconds": "-", "rss_gb": "-"}
+    if n <= report_max:
+        synthesise(out, keys_for(1000, salt="second run"), when="2025-01-02T00:00:00Z")
+        report = _child("report", str(folder), n)
+    print(f"outputs: rows={n} rerun_s={rerun['seconds']} report_s={report['seconds']} rss_gb={rerun['rss_gb']}")
+    print(
+        f"detail: rows={n} done_s={done['seconds']} done_rss_gb={done['rss_gb']} compact_s={compact_s:.2f} "
+        f"results_parts={parts} report_rss_gb={report['rss_gb']} synthesis_s={synth_s:.1f}",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
+    parser.add_argument("--report-max", type=int, default=10_000, help="largest size the report is built for")
+    parser.add_argument("--measure", choices=["done", "rerun", "report"], help=argparse.SUPPRESS)
+    parser.add_argument("--uri", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.uri, args.rows)))
+        return 0
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-outputs-"))
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; root {root}", flush=True)
+    try:
+        for n in args.sizes:
+            bench(n, root, args.report_max)
+    finally:
+        if not args.root:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
