@@ -175,3 +175,18 @@ def test_newer_or_foreign_part_is_refused_and_never_rewritten(tmp_path: Path, ki
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     assert main(["compact", out.uri]) == 2  # refused as a one-line error, not a traceback
     assert path.read_bytes() == data and not (tmp_path / "out" / "results" / "_quarantine").exists()
+
+
+def test_compaction_quarantines_an_unreadable_part_and_merges_the_rest(tmp_path: Path, capsys: Any) -> None:
+    out = OutputDir(str(tmp_path / "out"))
+    writer = ResultsWriter(out, rows=1, seconds=3600)
+    writer.add([_row(0, out=out)])
+    writer.add([_row(1, out=out)])
+    writer.add([_row(2, out=out)])
+    broken = Path(writer.parts[1])
+    broken.write_bytes(b"PAR1 not really")  # no footer: "Parquet magic bytes not found"
+    merged = writer.close()
+    assert _parts(out) == [Path(merged).name] and sorted(out.read_results()["id"]) == ["r0", "r2"]
+    assert (tmp_path / "out" / "results" / "_quarantine" / broken.name).is_file()
+    assert "unreadable results part" in capsys.readouterr().err
+    assert out.done_keys() == {f"{0:020x}", f"{2:020x}"}  # r1 is made again by the next run

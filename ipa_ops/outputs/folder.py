@@ -118,6 +118,7 @@ class OutputDir:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.root = self.fs._strip_protocol(self.root).rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._prefix = self.root.rstrip("/") + "/"
 
     def path(self, *parts: str) -> str:
         """A URI under the output root, in the same spelling as the root (relative, absolute or s3://)."""
@@ -146,6 +147,13 @@ class OutputDir:
         """An `outputs` entry relative to the output root (for links in report.html); None if outside."""
         full = self._strip(self.resolve(entry))
         return full[len(self.root) + 1 :] if full.startswith(self.root + "/") else None
+
+    def _file(self, entry: str) -> str:
+        """An `outputs` entry as a path on `fs`; entries already spelled as clean local paths as they are
+        (the common case, and done-detection meets one per row)."""
+        if self.local and entry.startswith(self._prefix) and "/." not in entry and "//" not in entry:
+            return entry
+        return self._strip(self.resolve(entry))
 
     def _strip(self, uri: str) -> str:
         return posixpath.normpath(self.fs._strip_protocol(uri))
@@ -230,7 +238,7 @@ class OutputDir:
             return set()
         wanted: dict[str, list[str]] = {}
         for key, outputs in zip(ok["row_key"], ok["outputs"], strict=True):
-            files = [self._strip(self.resolve(str(o))) for o in (outputs if outputs is not None else [])]
+            files = [self._file(str(o)) for o in (outputs if outputs is not None else [])]
             if files:
                 wanted[str(key)] = files
         found = done_index.present(self.fs, (f for files in wanted.values() for f in files), self.local)

@@ -2,7 +2,7 @@
 
     manifest ─► check + plan (driver: row keys, skip done) ─► prepare (CPU tasks: embeddings,
     masks, init images) ─► GeneratorActor pool (models only) ─► encode PNG + commit (CPU tasks)
-    ─► results parts (driver, appended as batches arrive)
+    ─► results parts (driver: buffered, committed every N rows or T seconds, merged at the end)
 
 A bad row becomes an `error` results row and the others go on. Results are buffered on the driver
 and committed as a part every `commit_rows` rows or `commit_seconds` seconds (results_writer.py),
