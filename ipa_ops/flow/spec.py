@@ -174,7 +174,10 @@ class GenerateStage(Strict):
         "(few large parts; a crash loses at most these, and the next run makes them again)."
     )
     commit_seconds: float = Field(
-        60.0, gt=0, description="Longest wait, in seconds, before buffered results rows are committed as a part."
+        60.0,
+        gt=0,
+        description="Seconds after the last commit from which the next finished batch commits the buffer, "
+        "full or not (checked as rows arrive).",
     )
 
 
