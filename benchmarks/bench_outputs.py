@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ipa_ops.outputs import OutputDir  # noqa: E402
-from ipa_ops.results_writer import ResultsWriter  # noqa: E402
+from ipa_ops.outputs.results_writer import ResultsWriter  # noqa: E402
 
 PNG = bytes.fromhex(  # a valid 1x1 PNG: images are small files, as the issue asks
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0"

@@ -246,7 +246,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import ray
 from zoo_flows import zoo_flow
-from ipa_ops import results_writer
+from ipa_ops.outputs import results_writer
 from ipa_ops.stages.generate import run_generate
 
 real_commit = results_writer.ResultsWriter.commit

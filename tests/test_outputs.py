@@ -230,7 +230,7 @@ def test_images_fan_out_and_flat_layout_stays_done(tmp_path: Path) -> None:
 
 def test_done_keys_of_planned_keys_read_four_columns_and_list_no_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rerun of a few rows on object storage asks for those rows' files, never lists images/."""
-    from ipa_ops import done_index, results_parts
+    from ipa_ops.outputs import done_index, results_parts
 
     out = OutputDir("memory://ipa-test-done-index")
     keys = [f"{i:02x}" + "0" * 18 for i in range(0, 256, 8)]  # 32 keys in 32 fan-out folders
@@ -260,7 +260,7 @@ def test_done_keys_of_planned_keys_read_four_columns_and_list_no_folder(monkeypa
 
 
 def test_done_keys_lists_a_folder_once_when_many_files_are_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ipa_ops import done_index
+    from ipa_ops.outputs import done_index
 
     out = OutputDir("memory://ipa-test-done-listing")
     keys = [f"ab{i:018x}" for i in range(done_index.LIST_AT + 2)]  # all in images/ab/

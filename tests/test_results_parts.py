@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ipa_ops import results_parts
 from ipa_ops.cli import main
+from ipa_ops.outputs import results_parts
 from ipa_ops.outputs.folder import OutputDir
-from ipa_ops.results_parts import ResultsPartRefused
-from ipa_ops.results_writer import ResultsWriter, compact_group
+from ipa_ops.outputs.results_parts import ResultsPartRefused
+from ipa_ops.outputs.results_writer import ResultsWriter, compact_group
 
 
 def _row(i: int, status: str = "ok", when: str | None = None, out: OutputDir | None = None) -> dict[str, Any]:

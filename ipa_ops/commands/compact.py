@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _compact(args: argparse.Namespace) -> int:
     from ipa_ops.outputs.folder import OutputDir
-    from ipa_ops.results_writer import compact_output
+    from ipa_ops.outputs.results_writer import compact_output
 
     found = compact_output(OutputDir(args.output))
     print(f"{args.output}: {found['parts_before']} results parts -> {found['parts_after']}")

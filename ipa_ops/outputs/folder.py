@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from ipa_ops import done_index, results_parts
 from ipa_ops.canonical import canonical_json
+from ipa_ops.outputs import done_index, results_parts
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
 _EXT = re.compile(r"^[a-z0-9]{1,8}$")

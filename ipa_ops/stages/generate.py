@@ -29,7 +29,7 @@ from ipa_ops.generate.plan import RowPlan, prepare
 from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.report import build_report
-from ipa_ops.results_writer import ResultsWriter
+from ipa_ops.outputs.results_writer import ResultsWriter
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.store.dataset import EmbeddingStore
 

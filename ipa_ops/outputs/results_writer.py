@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ipa_ops import results_parts
+from ipa_ops.outputs import results_parts
 from ipa_ops.outputs.folder import RESULTS_SCHEMA, OutputDir
 
 
