@@ -204,7 +204,7 @@ def test_run_json_and_versions(tmp_path: Path) -> None:
 
 
 def test_images_fan_out_and_flat_layout_stays_done(tmp_path: Path) -> None:
-    from ipa_ops.generate.tasks import write_outputs
+    from ipa_ops.outputs.files import write_outputs
 
     out = OutputDir(str(tmp_path / "out"))
     new, video, old = "ab" * 10, "ef" * 10, "cd" * 10
