@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ipa_ops.errors import UserError
+from ipa_ops.errors import RunStopped, UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.ledger import RUN_ID_ENV, new_run_id, recording
 from ipa_ops.stages.ray_address import JOB_ENV, init_address
+from ipa_ops.stages.stopping import Stopper, grace_seconds, stop_on_signals
 from ipa_ops.storage.lease import output_lease
 
 STAGE_ORDER = ("extract", "generate")
@@ -55,17 +56,39 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
         if getattr(flow.stages, name) is None:
             raise UserError(f"stages.{name}: this flow has no {name} stage; add it or pick another --stage")
     results: dict[str, Any] = {}
-    with _lease(flow, wanted), recording(flow, wanted, results), ray_session(flow):  # one ledger record per run
-        for name in wanted:
-            if name == "extract":
-                from ipa_ops.stages.extract import run_extract
+    grace = grace_seconds(flow.stages.generate.stop_grace_s if flow.stages.generate else 30.0)
+    with _lease(flow, wanted) as lease, recording(flow, wanted, results), ray_session(flow):  # one record per run
+        # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the process
+        with stop_on_signals(grace) as stopper:
+            if stopper is not None and lease is not None:  # a lost lease interrupts at once, not politely
+                lease.on_lost = lambda reason: stopper.hard(KeyboardInterrupt())
+            for name in wanted:
+                _stop_if_asked(stopper, results)
+                if name == "extract":
+                    from ipa_ops.stages.extract import run_extract
 
-                results[name] = run_extract(flow, flow.stages.extract)
-            else:
-                from ipa_ops.stages.generate import run_generate
+                    results[name] = run_extract(flow, flow.stages.extract)
+                else:
+                    from ipa_ops.stages.generate import run_generate
 
-                results[name] = run_generate(flow, flow.stages.generate)
+                    results[name] = run_generate(flow, flow.stages.generate)
+            _stop_if_asked(stopper, results)
     return results
+
+
+def _stop_if_asked(stopper: Stopper | None, results: dict[str, Any]) -> None:
+    """After a polite stop drained a stage, end the run (ledger `stopped`) instead of starting the next."""
+    if stopper is None or not stopper.requested or stopper.signal is None:
+        return
+    gen = results.get("generate")
+    done = ""
+    if gen:
+        left = int(gen["rows"]) - int(gen["ok"]) - int(gen["error"]) - int(gen["skipped"])
+        done = f": {gen['ok']} row(s) ok and {gen['error']} failed this run, {left} left for the next run"
+    raise RunStopped(
+        f"stopped by {stopper.signal_name()} after committing the batches in flight{done}; rerun the flow to continue",
+        stopper.signal,
+    )
 
 
 def _lease(flow: Flow, stages: list[str]) -> contextlib.AbstractContextManager[Any]:

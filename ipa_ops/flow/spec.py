@@ -179,6 +179,13 @@ class GenerateStage(Strict):
         description="Seconds after the last commit from which the next finished batch commits the buffer, "
         "full or not (checked as rows arrive).",
     )
+    stop_grace_s: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="On SIGTERM or Ctrl-C: seconds the run may take to finish and commit the batches already "
+        "being generated before it stops anyway (env IPA_STOP_GRACE_S overrides); a second signal stops at once.",
+    )
 
 
 class Stages(Strict):

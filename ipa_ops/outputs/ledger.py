@@ -8,7 +8,8 @@ each other's records the way appending to one shared file on S3 would; `read_led
 in start order, and `duckdb`'s `read_json('<output>/runs/*.json')` reads them without ipa.
 
 A record is written when the run starts (status `running`) and rewritten when it ends: `ok`
-(every row fine), `partial` (some rows failed; see results/), or `failed` (the run raised). A record
+(every row fine), `partial` (some rows failed; see results/), `stopped` (SIGTERM or Ctrl-C: it
+committed what was in flight and ended early; a rerun continues) or `failed` (the run raised). A record
 left `running` after its run is gone marks a run that was killed.
 """
 
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ipa_ops.canonical import canonical_json
-from ipa_ops.errors import UserError
+from ipa_ops.errors import RunStopped, UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.ledger_health import read_record
@@ -47,7 +48,7 @@ def flow_hash(flow: Flow, use_env: bool = True) -> str:
     defaults count, so a new optional flow field in a later ipa leaves existing hashes alone.
     `use_env=False` ignores IPA_MIRROR, for renderings that must not depend on the machine.
     """
-    leave_out = {"ray": True, "schedule": True, "stages": {"generate": {"lease"}}}  # where and how, not what
+    leave_out = {"ray": True, "schedule": True, "stages": {"generate": {"lease", "stop_grace_s"}}}  # how, not what
     data = flow.model_dump(mode="json", exclude=leave_out, exclude_defaults=True)
     data["mirror"] = flow.mirror_root() if use_env else flow.mirror
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:12]
@@ -139,7 +140,9 @@ class RunRecord:
         self.data["counts"] = json.loads(json.dumps(results, default=str))
         self.data["finished_at"] = datetime.now(UTC).isoformat()
         self.data["seconds"] = round(time.perf_counter() - self._t0, 3)
-        if error is not None:
+        if isinstance(error, RunStopped):
+            self.data["status"], self.data["error"] = "stopped", _one_line(error)
+        elif error is not None:
             self.data["status"], self.data["error"] = "failed", _one_line(error)
         else:
             failed_rows = int(results.get("generate", {}).get("error", 0) or 0)

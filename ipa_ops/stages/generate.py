@@ -30,7 +30,7 @@ from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.report import build_report
 from ipa_ops.outputs.results_writer import ResultsWriter
-from ipa_ops.stages import gpus_per_actor
+from ipa_ops.stages import gpus_per_actor, stopping
 from ipa_ops.store.dataset import EmbeddingStore
 
 
@@ -202,7 +202,7 @@ def _generate(
             PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, compute=_pool(1), num_cpus=1
         )
         ds = ds.map_batches(
-            actor_cls,
+            stopping.guarded(actor_cls),  # after SIGTERM / Ctrl-C, batches not yet started pass on empty
             fn_constructor_args=(flow.model_dump_json(), res.batch_size, torch_threads(res)),
             batch_size=res.batch_size,
             compute=_pool(res.actors),
