@@ -12,6 +12,7 @@ from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.ledger import RUN_ID_ENV, new_run_id, recording
 from ipa_ops.stages.ray_address import JOB_ENV, init_address
 from ipa_ops.stages.stopping import Stopper, grace_seconds, stop_on_signals
+from ipa_ops.storage.full import find_disk_full
 from ipa_ops.storage.lease import output_lease
 
 STAGE_ORDER = ("extract", "generate")
@@ -62,16 +63,22 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
         with stop_on_signals(grace) as stopper:
             if stopper is not None and lease is not None:  # a lost lease interrupts at once, not politely
                 lease.on_lost = lambda reason: stopper.hard(KeyboardInterrupt())
-            for name in wanted:
-                _stop_if_asked(stopper, results)
-                if name == "extract":
-                    from ipa_ops.stages.extract import run_extract
+            try:
+                for name in wanted:
+                    _stop_if_asked(stopper, results)
+                    if name == "extract":
+                        from ipa_ops.stages.extract import run_extract
 
-                    results[name] = run_extract(flow, flow.stages.extract)
-                else:
-                    from ipa_ops.stages.generate import run_generate
+                        results[name] = run_extract(flow, flow.stages.extract)
+                    else:
+                        from ipa_ops.stages.generate import run_generate
 
-                    results[name] = run_generate(flow, flow.stages.generate)
+                        results[name] = run_generate(flow, flow.stages.generate)
+            except Exception as exc:
+                full = find_disk_full(exc)  # ENOSPC in an actor reaches here wrapped in Ray's errors
+                if full is None:
+                    raise
+                raise full from None
             _stop_if_asked(stopper, results)
     return results
 

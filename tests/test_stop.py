@@ -37,14 +37,15 @@ def _manifest(path: Path) -> Path:
     return path
 
 
-def _command(root: Path, zoo: Path, *extra: str) -> list[str]:
+def _command(root: Path, zoo: Path, *extra: str, output: Path | None = None) -> list[str]:
+    """`ipa run` of the quick start on the zoo: store and manifest under `root`, output `root/out`."""
     sets = [
         f"mirror={zoo}",
         f"stages.extract.images={REPO / 'data' / 'refs'}",
         f"stages.extract.store={root / 'store'}",
         f"stages.generate.store={root / 'store'}",
         f"stages.generate.manifest={root / 'manifest.csv'}",
-        f"stages.generate.output={root / 'out'}",
+        f"stages.generate.output={output or root / 'out'}",
         "stages.generate.defaults.width=64",
         "stages.generate.defaults.height=64",
         "stages.generate.defaults.steps=2",

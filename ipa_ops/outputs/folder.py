@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ipa_ops.canonical import canonical_json
-from ipa_ops.outputs import done_index, results_parts
+from ipa_ops.outputs.folder import done_index, results_parts
+from ipa_ops.storage.full import disk_full, is_full
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
 _EXT = re.compile(r"^[a-z0-9]{1,8}$")
@@ -187,9 +188,11 @@ class OutputDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+            if is_full(exc):  # one line naming the final name; nothing is left under it or the temp
+                raise disk_full(path, exc) from exc  # type: ignore[arg-type]
             raise
         return path
 

@@ -33,6 +33,7 @@ from ipa_ops.errors import RunStopped, UserError
 from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.ledger_health import read_record
+from ipa_ops.storage.full import DiskFull
 
 LEDGER_DIR = "runs"
 RUN_ID_ENV = "IPA_RUN_ID"  # names a run explicitly; a Ray job's records carry its submission id by default
@@ -153,7 +154,16 @@ class RunRecord:
 
     def _write(self) -> None:
         text = json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n"
-        self.out.write_bytes_atomic(self.path, text.encode())
+        try:
+            self.out.write_bytes_atomic(self.path, text.encode())
+        except DiskFull:
+            if not self.out.local or not self.data["finished_at"]:
+                raise
+            # the outcome of a run that stopped on a full disk: rewritten in place, in the blocks the
+            # `running` record already holds (a cut record would be quarantined, never misread)
+            with open(self.out._inside(self.path), "r+b") as f:
+                f.write(text.encode())
+                f.truncate()
 
 
 @contextlib.contextmanager

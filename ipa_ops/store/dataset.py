@@ -13,6 +13,7 @@ then the newest.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipa_ops.errors import UserError
+from ipa_ops.storage.full import disk_full, is_full
 from ipa_ops.store.health import read_or_quarantine, stamp
 from ipa_ops.store.schema import (
     COMMON,
@@ -306,11 +308,18 @@ class EmbeddingStore:
         self.fs.makedirs(folder, exist_ok=True)
         if self._local:
             tmp = f"{folder}/.{name}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(buf.getvalue())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(buf.getvalue())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)  # a full disk leaves no temp part either
+                if is_full(exc):
+                    raise disk_full(path, exc) from exc
+                raise
         else:  # object stores: a single PUT is all-or-nothing
             self.fs.pipe_file(path, buf.getvalue())
         light = table.drop_columns([c for c in table.column_names if c in HEAVY])
