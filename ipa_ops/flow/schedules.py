@@ -76,7 +76,7 @@ def parse_schedule(obj: Any) -> ScheduleSpec:
     if isinstance(obj, str):
         try:
             obj = json.loads(obj)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ValueError(f"not a number or JSON schedule: {raw!r}") from None
     if obj is None:
         return ScheduleSpec(source=None)

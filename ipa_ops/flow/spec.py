@@ -307,7 +307,7 @@ def _describe(err: dict[str, Any]) -> str:
     """One pydantic error as `path: what is expected, got what`."""
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "<root>"
-    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    kind, ctx, got = err["type"], err.get("ctx", {}), _Shown(err.get("input"))
     if kind == "extra_forbidden":
         owner = _owner_model(loc[:-1])
         keys = sorted(owner.model_fields) if owner else []
@@ -331,10 +331,27 @@ def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return Flow if not loc else _model_at(loc)
 
 
+class _Shown:
+    """A bad value as an error shows it: its repr, cut at 200 characters (a pasted 20 kB prompt or a
+    deeply nested list must not make one problem line pages long)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        try:
+            text = repr(self.value)
+        except RecursionError:
+            return "<a value nested too deeply to show>"
+        return text if len(text) <= 200 else f"{text[:180]}... ({len(text)} chars)"
+
+
 def parse_flow(data: dict[str, Any], source: str = "<flow>") -> Flow:
     """Validate a flow mapping; raise FlowError with one line per problem."""
     try:
         return Flow.model_validate(data)
+    except RecursionError:
+        raise FlowError(source, ["<root>: nested too deeply to check; a flow needs a few levels"]) from None
     except ValidationError as exc:
         problems: list[str] = []
         for err in exc.errors():
@@ -366,6 +383,8 @@ def load_flow(path: str | Path, overrides: list[str] | None = None) -> Flow:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise FlowError(str(path), [f"not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    except RecursionError:  # the YAML parser recurses per level: thousands of `[` overflow it
+        raise FlowError(str(path), ["<root>: nested too deeply to read; a flow needs a few levels"]) from None
     if not isinstance(data, dict):
         raise FlowError(str(path), ["<root>: must be a mapping of flow keys"])
     for item in overrides or []:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.manifest.cells import cell_problem
 from ipa_ops.manifest.reading import COLUMN_NAMES, check_columns, coerce_cell, did_you_mean, normalize_adapters
 from ipa_ops.manifest.rows import CHOICES, STORE_KEY, TASK_COLUMNS, AdapterRef, FaceOptions, ManifestRow
 
@@ -32,7 +33,14 @@ class RowProblem:
     reason: str
 
     def __str__(self) -> str:
-        return f"row {self.row_id}: {self.field}: {self.reason}"
+        return f"row {_clip(self.row_id, 80)}: {_clip(self.field, 120)}: {_clip(self.reason, 400)}"
+
+
+def _clip(text: str, limit: int) -> str:
+    """One line of bounded length: a 200 kB prompt or a value with newlines echoed in a reason
+    must not turn one problem into pages (or into several lines a log parser would split)."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} chars)"
 
 
 @dataclass
@@ -74,10 +82,11 @@ def check_rows(
     problems: list[RowProblem] = []
     first_at: dict[str, int] = {}
     for pos, record in enumerate(df.to_dict("records"), start=1):
-        raw = {k: v if k == "adapters" else coerce_cell(k, v) for k, v in record.items()}  # adapters: decoded below
+        deep = [(k, why) for k, why in ((k, cell_problem(v)) for k, v in record.items()) if why]
+        raw = {k: v if k == "adapters" or deep else coerce_cell(k, v) for k, v in record.items()}  # adapters: below
         rid = raw.get("id")
         label = _label(rid) if isinstance(rid, str) and rid else f"#{pos}"
-        row, issues = _check_row(raw, ctx)
+        row, issues = (None, deep) if deep else _check_row(raw, ctx)  # too deep for any parser: said, not parsed
         if isinstance(rid, str) and rid:
             if rid in first_at:
                 issues.insert(0, ("id", f"duplicate id (first at row #{first_at[rid]}); ids must be unique"))
@@ -135,8 +144,13 @@ def _decode_adapters(value: Any, ctx: _Context, issues: list[tuple[str, str]]) -
         if isinstance(entry.get("face"), str):
             try:
                 entry["face"] = json.loads(entry["face"])
-            except json.JSONDecodeError as exc:
-                issues.append((f"adapters[{i}].face", f'not valid JSON ({exc.msg}); write e.g. {{"fallback": "skip"}}'))
+            except (json.JSONDecodeError, RecursionError) as exc:
+                issues.append(
+                    (
+                        f"adapters[{i}].face",
+                        f'not valid JSON ({_msg(exc)}); write e.g. {{"fallback": "skip"}}',
+                    )
+                )
         elif "face" not in entry and spec is not None and _is_faceid(ctx.flow, entry["adapter"]):
             entry["face"] = {}
         out.append(entry)
@@ -148,8 +162,11 @@ def decode_scale(value: Any) -> tuple[Any, str | None]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            return value, f'not valid JSON ({exc.msg}); write a number or a schedule object like {{"preset": "style"}}'
+        except (json.JSONDecodeError, RecursionError) as exc:
+            return (
+                value,
+                f'not valid JSON ({_msg(exc)}); write a number or a schedule object like {{"preset": "style"}}',
+            )
     bad = _non_finite(value)
     if bad is not None:
         return value, f"{bad} is not a valid scale"
@@ -158,6 +175,10 @@ def decode_scale(value: Any) -> tuple[Any, str | None]:
     except (ValueError, TypeError) as exc:
         return value, str(exc).splitlines()[0] if str(exc) else "not a valid scale schedule"
     return value, None
+
+
+def _msg(exc: Exception) -> str:
+    return str(getattr(exc, "msg", "") or "nested too deeply")
 
 
 def _non_finite(value: Any) -> str | None:

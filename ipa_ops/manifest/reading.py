@@ -124,8 +124,11 @@ def normalize_adapters(value: Any) -> tuple[list[Any], str | None]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            return [], f"not valid JSON ({exc.msg}); write a JSON list of adapter objects"
+        except (json.JSONDecodeError, RecursionError) as exc:
+            return (
+                [],
+                f"not valid JSON ({getattr(exc, 'msg', 'nested too deeply')}); write a JSON list of adapter objects",
+            )
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -150,7 +153,7 @@ def _json_text(value: Any) -> Any:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return json.dumps(value)
 
@@ -165,7 +168,7 @@ def readable_adapters(entries: list[Any]) -> list[Any]:
                 if isinstance(entry.get(key), str):
                     try:
                         entry[key] = json.loads(entry[key])
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):
                         pass
         out.append(entry)
     return out
