@@ -24,12 +24,12 @@ from ipa_ops.manifest.checks import check_rows
 from ipa_ops.manifest.reading import COLUMN_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-FUZZ = settings(
-    max_examples=int(os.environ.get("IPA_FUZZ_EXAMPLES", "25")),
+FUZZ = settings(  # bounded: no shrinking of 20 kB values (minutes); IPA_FUZZ_SHRINK=1 to shrink a failure
+    max_examples=int(os.environ.get("IPA_FUZZ_EXAMPLES", "15")),
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
-    phases=[Phase.explicit, Phase.generate] if os.environ.get("IPA_FUZZ_NOSHRINK") else list(Phase),
+    phases=list(Phase) if os.environ.get("IPA_FUZZ_SHRINK") else [Phase.explicit, Phase.generate],
 )
 
 PATH_TRICKS = ["../../etc/passwd", "/etc/shadow", "..", ".", "", " ", "a/../../b", "C:\\Windows\\x.png", "~/x.png",
@@ -217,3 +217,43 @@ def test_a_flow_nested_thousands_deep_is_one_line(tmp_path: Path) -> None:
         load_flow(deep)
     assert all("\n" not in p for p in exc.value.problems) and str(deep) in str(exc.value)
     os.remove(deep)
+
+
+# -- planning a manifest file ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo_plan(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Flow, Path]:
+    from zoo_flows import zoo_flow
+
+    root = tmp_path_factory.mktemp("fuzzplan")
+    return zoo_flow("quickstart", root, zoo_dir, root / "manifest.jsonl"), root
+
+
+@settings(FUZZ, max_examples=int(os.environ.get("IPA_FUZZ_EXAMPLES", "15")))
+@given(rows=st.lists(ROW, min_size=1, max_size=4))
+def test_fuzzed_manifest_files_plan_to_one_line_errors_and_keys_inside_the_output(
+    rows: list[dict[str, Any]], zoo_plan: tuple[Flow, Path]
+) -> None:
+    from ipa_ops.errors import UserError
+    from ipa_ops.generate.manifest_plan import plan_manifest
+    from ipa_ops.outputs.folder import OutputDir
+
+    flow, root = zoo_plan
+    stage = flow.stages.generate
+    assert stage is not None
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN as JSON's NaN
+    before = _files_under(root) | _files_under(Path.cwd())
+    try:
+        plans, errors = plan_manifest(flow, stage)
+    except UserError as exc:  # a problem of the whole file (e.g. a line that is not JSON): one line
+        assert "\n" not in str(exc) and len(str(exc)) < 4000 and str(exc).startswith(str(root)), str(exc)[:300]
+        return
+    for error in errors:
+        line = error["error"]
+        assert "\n" not in line and line.startswith("row ") and len(line) < 4000, line[:300]
+    out = OutputDir(stage.output)
+    for plan in plans:  # whatever the id says, files are named by the hex row key, inside images/
+        assert out.image_path(plan.row_key).startswith(f"{stage.output}/images/")
+    assert len(plans) + len({e["id"] for e in errors}) >= 1
+    assert _files_under(root) | _files_under(Path.cwd()) == before  # planning writes nothing

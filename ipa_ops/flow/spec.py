@@ -360,7 +360,13 @@ def parse_flow(data: dict[str, Any], source: str = "<flow>") -> Flow:
                 problems.extend(inner.problems)
             else:
                 problems.append(_describe(err))
-        raise FlowError(source, problems) from None
+        raise FlowError(source, [_one_line(p) for p in problems]) from None
+
+
+def _one_line(problem: str) -> str:
+    """A key with a newline in it (YAML allows one) must not split a problem over two lines."""
+    text = problem.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= 1000 else f"{text[:980]}... ({len(text)} chars)"
 
 
 def set_path(data: dict[str, Any], dotted: str, value: str) -> None:

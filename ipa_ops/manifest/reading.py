@@ -187,7 +187,8 @@ def coerce_cell(column: str, value: Any) -> Any:
         return value
     if pa.types.is_integer(kind):
         number = _number(value)
-        return int(number) if number is not None and float(number).is_integer() else value
+        whole = isinstance(number, int) or (isinstance(number, float) and number.is_integer())
+        return int(number) if whole and _INT64[0] <= number <= _INT64[1] else value  # else: reported by the check
     if pa.types.is_floating(kind):
         number = _number(value)
         if number is None:
@@ -196,6 +197,9 @@ def coerce_cell(column: str, value: Any) -> Any:
     if column == "id" and isinstance(value, int):
         return str(value)
     return value
+
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _number(value: Any) -> int | float | None:
@@ -240,7 +244,8 @@ def _series(values: list[Any], column: str) -> pd.Series:
     """Nullable numeric dtype where every cell fits; object (values as written) otherwise."""
     kind = _COLUMNS[column][0] if column in _COLUMNS else None
     present = [v for v in values if v is not None]
-    if kind is not None and pa.types.is_integer(kind) and all(type(v) is int for v in present):
+    fits = all(type(v) is int and _INT64[0] <= v <= _INT64[1] for v in present)  # past int64: as written
+    if kind is not None and pa.types.is_integer(kind) and fits:
         return pd.Series(pd.array(values, dtype="Int64"))
     if kind is not None and pa.types.is_floating(kind) and all(type(v) is float for v in present):
         return pd.Series(pd.array(values, dtype="Float64"))
