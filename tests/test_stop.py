@@ -50,6 +50,7 @@ def _command(root: Path, zoo: Path, *extra: str, output: Path | None = None) -> 
         "stages.generate.defaults.height=64",
         "stages.generate.defaults.steps=2",
         "stages.generate.resources.batch_size=2",
+        "stages.generate.commit_rows=2",  # a part per batch: the fault meets rows already committed
         "stages.extract.resources.batch_size=4",
         *extra,
     ]

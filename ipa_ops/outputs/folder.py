@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ipa_ops.canonical import canonical_json
-from ipa_ops.outputs.folder import done_index, results_parts
+from ipa_ops.outputs import done_index, results_parts
 from ipa_ops.storage.full import disk_full, is_full
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
