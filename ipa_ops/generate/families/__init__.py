@@ -32,14 +32,6 @@ def family_of(folder: Path) -> ModelFamily:
     )
 
 
-def by_name(name: str) -> ModelFamily:
-    """A registered family by its short name."""
-    for family in FAMILIES:
-        if family.name == name:
-            return family
-    raise KeyError(f"unknown model family {name!r}; one of {', '.join(f.name for f in FAMILIES)}")
-
-
 def adapter_facts(path: str | Path) -> AdapterFacts:
     """An IP-Adapter checkpoint's facts, from the first family whose checkpoint layout it is in."""
     shapes = checkpoint_shapes(Path(path))
