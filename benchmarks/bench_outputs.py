@@ -8,10 +8,14 @@ provenance, committed through `ResultsWriter` every 5,000 rows, then compacted a
 run, which is the compaction figure). Then, each in a fresh process so peak RSS is its own:
 
 - done: `OutputDir.done_keys(planned keys)`, the done-detection a rerun does;
-- rerun: done-detection plus skipping every planned key (all done). Planning a manifest
-  (`plan_manifest`) is not part of it: that cost is the manifest side's, measured by `ipa validate`;
-- report: `build_report` after a second run added 1,000 rows (only up to `--report-max` rows:
-  today's report embeds every row's thumbnail, so it is skipped, printed as `-`, above that).
+- rerun: what a rerun of the generate stage does before any work: plan the manifest (rows known
+  from the earlier run's plan are recognised by their hash, generate/plan_cache.py), done-detection
+  of the planned keys, and skipping every row (all done). The manifest has n text2img rows (id,
+  prompt, negative prompt, seed, an `x_` column) on the tiny zoo's quickstart flow, and the output
+  holds exactly their keys (the first, full plan is set-up, printed as `first_plan_s`);
+- report: `build_report` after a second run added 1,000 rows, as that run's end does it (its own
+  pages, with thumbnails made for its rows, and the index over every row); `index_kb` is the
+  size of the index page it leaves.
 
 Prints one `outputs: rows=<n> rerun_s=<x> report_s=<y> rss_gb=<z>` line per size (rss_gb: peak of
 the rerun process), then one `detail:` line with the other figures.
@@ -34,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ipa_ops.outputs import OutputDir  # noqa: E402
+from ipa_ops.outputs.folder import OutputDir  # noqa: E402
 from ipa_ops.outputs.results_writer import ResultsWriter  # noqa: E402
 
 PNG = bytes.fromhex(  # a valid 1x1 PNG: images are small files, as the issue asks
@@ -93,24 +97,85 @@ def _row(i: int, key: str, out: OutputDir, when: str) -> dict:
     }
 
 
+def bench_flow(manifest: Path, output: Path):  # -> Flow (imported lazily: the zoo is only built here)
+    """The quickstart flow on the tiny zoo, over `manifest`, into `output`."""
+    from ipa_ops.commands.core import cache_dir
+    from ipa_ops.flow.spec import load_flow
+    from ipa_ops.zoo import build_zoo
+
+    zoo = build_zoo(cache_dir() / "zoo-tiny", size="tiny")
+    return load_flow(
+        REPO / "flows" / "quickstart.yaml",
+        [f"mirror={zoo}", f"stages.generate.manifest={manifest}", f"stages.generate.output={output}"],
+    )
+
+
+def write_manifest(path: Path, n: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"row-{i:07d}" for i in range(n)],
+                "prompt": [f"a synthesised prompt number {i} with a few more words in it" for i in range(n)],
+                "negative_prompt": ["blurry, low quality"] * n,
+                "seed": list(range(n)),
+                "x_batch": [f"night-{i % 30}" for i in range(n)],
+            }
+        ),
+        path,
+    )
+
+
+def first_plan(root: Path, folder: Path, n: int) -> tuple[list[str], float]:
+    """The earlier run's full plan (set-up): the manifest's keys, and the seconds it took."""
+    from ipa_ops.generate.manifest_plan import plan_rows
+
+    write_manifest(root / f"manifest-{n}.parquet", n)
+    flow = bench_flow(root / f"manifest-{n}.parquet", folder)
+    t0 = time.perf_counter()
+    planned = plan_rows(flow, flow.stages.generate, reuse=True, done=lambda keys: set())
+    return [p.row_key for p in planned.plans], time.perf_counter() - t0
+
+
 def measure(kind: str, uri: str, n: int) -> dict:
     """One measurement in this (fresh) process."""
     out = OutputDir(uri)
-    if kind in ("done", "rerun"):
-        planned = keys_for(n)  # the planned keys are the input of both
-        t0 = time.perf_counter()
-        done = out.done_keys(planned)
-        done_s = time.perf_counter() - t0
-        todo = [k for k in planned if k not in done]  # the skip: what a rerun hands to generation
-        assert len(done) == n and not todo, (len(done), len(todo))
-        seconds = done_s if kind == "done" else time.perf_counter() - t0
-    else:
-        from ipa_ops.report import build_report
+    if kind == "done":
+        from ipa_ops.generate.manifest_plan import plan_rows
 
+        planned = plan_rows(*_flow_stage(uri, n)).plans  # not timed: the keys are the input
         t0 = time.perf_counter()
-        build_report(uri)
+        done = out.done_keys({p.row_key for p in planned})
         seconds = time.perf_counter() - t0
+        assert len(done) == n, len(done)
+    elif kind == "rerun":
+        from ipa_ops.generate.manifest_plan import plan_rows
+
+        flow, stage = _flow_stage(uri, n)
+        t0 = time.perf_counter()
+        planned = plan_rows(flow, stage, reuse=True, done=out.done_keys)  # as run_generate does
+        done = out.done_keys({p.row_key for p in planned.plans})
+        todo = [p for p in planned.plans if p.row_key not in done]  # the skip: what goes to generation
+        seconds = time.perf_counter() - t0
+        assert planned.skipped + len(done) == n and not todo and not planned.errors, (planned.skipped, len(todo))
+    else:
+        from ipa_ops.outputs.results_writer import group_parts
+        from ipa_ops.report.build import build_report
+
+        newest = max(group_parts(out).items(), key=lambda item: os.path.basename(item[1][0]))[0]
+        t0 = time.perf_counter()
+        index = build_report(uri, groups=[newest])
+        seconds = time.perf_counter() - t0
+        size = os.path.getsize(index) >> 10
+        return {"seconds": round(seconds, 2), "rss_gb": round(peak_rss_gb(), 2), "index_kb": size}
     return {"seconds": round(seconds, 2), "rss_gb": round(peak_rss_gb(), 2)}
+
+
+def _flow_stage(uri: str, n: int) -> tuple:
+    flow = bench_flow(Path(uri).parent / f"manifest-{n}.parquet", Path(uri))
+    return flow, flow.stages.generate
 
 
 def peak_rss_gb() -> float:
@@ -131,24 +196,24 @@ def _child(kind: str, uri: str, n: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(n: int, root: Path, report_max: int) -> None:
+def bench(n: int, root: Path) -> None:
     folder = root / f"out-{n}"
     shutil.rmtree(folder, ignore_errors=True)
     out = OutputDir(str(folder))
+    keys, plan_s = first_plan(root, folder, n)
     t0 = time.perf_counter()
-    compact_s = synthesise(out, keys_for(n))
+    compact_s = synthesise(out, keys)
     synth_s = time.perf_counter() - t0 - compact_s
     parts = len(list((folder / "results").glob("part-*.parquet")))
     done = _child("done", str(folder), n)
     rerun = _child("rerun", str(folder), n)
-    report: dict = {"seconds": "-", "rss_gb": "-"}
-    if n <= report_max:
-        synthesise(out, keys_for(1000, salt="second run"), when="2025-01-02T00:00:00Z")
-        report = _child("report", str(folder), n)
+    synthesise(out, keys_for(1000, salt="second run"), when="2025-01-02T00:00:00Z")
+    report = _child("report", str(folder), n)
     print(f"outputs: rows={n} rerun_s={rerun['seconds']} report_s={report['seconds']} rss_gb={rerun['rss_gb']}")
     print(
         f"detail: rows={n} done_s={done['seconds']} done_rss_gb={done['rss_gb']} compact_s={compact_s:.2f} "
-        f"results_parts={parts} report_rss_gb={report['rss_gb']} synthesis_s={synth_s:.1f}",
+        f"results_parts={parts} report_rss_gb={report['rss_gb']} index_kb={report['index_kb']} "
+        f"first_plan_s={plan_s:.1f} synthesis_s={synth_s:.1f}",
         flush=True,
     )
 
@@ -157,7 +222,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
-    parser.add_argument("--report-max", type=int, default=10_000, help="largest size the report is built for")
     parser.add_argument("--measure", choices=["done", "rerun", "report"], help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -169,7 +233,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; root {root}", flush=True)
     try:
         for n in args.sizes:
-            bench(n, root, args.report_max)
+            bench(n, root)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

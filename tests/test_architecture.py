@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ipa_ops.manifest", "ipa_ops.store"),
     ("ipa_ops.outputs",),
     ("ipa_ops.generate", "ipa_ops.doctor"),
+    ("ipa_ops.report",),
     ("ipa_ops.stages",),
     ("ipa_ops.runner", "ipa_ops.cluster"),
     ("ipa_ops.commands",),

@@ -14,6 +14,7 @@ import ray
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from reports import report_text
 from zoo_flows import zoo_flow
 
 from ipa_ops.cli import main
@@ -77,7 +78,7 @@ def test_run_writes_results_images_report_and_resumes(workspace: tuple[Path, Pat
     images = sorted((root / "resume" / "images").glob("*/*.png"))  # fanned out: images/<key[:2]>/<key>.png
     assert len(images) == 10 and all(Image.open(p).size == (64, 64) for p in images)
     assert all(p.parent.name == p.stem[:2] for p in images) and set(results["row_key"]) == {p.stem for p in images}
-    report = (root / "resume" / "report.html").read_text()
+    report = report_text(root / "resume")
     assert all(f"a test image number {i}" in report for i in range(10))
     assert json.loads((root / "resume" / "run.json").read_text())["counts"]["ok"] == 10
     provenance = json.loads(results["provenance"].iloc[0])
@@ -245,6 +246,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import ray
+from reports import report_text
 from zoo_flows import zoo_flow
 from ipa_ops.outputs import results_writer
 from ipa_ops.stages.generate import run_generate

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 from PIL import Image
+from reports import report_text
 from zoo_flows import zoo_flow
 
 from ipa_ops.commands.core import flow_problems
@@ -152,7 +153,7 @@ def test_video_flow_on_the_ray_stage_writes_gif_and_frames(
     assert [Path(p).name for p in outputs[1:]] == ["00000.png", "00001.png", "00002.png"]
     gif = Image.open(outputs[0])
     assert gif.n_frames == 3 and gif.size == (64, 64)
-    assert f"{key}.gif" in (tmp_path / "out" / "report.html").read_text()
+    assert f"{key}.gif" in report_text(tmp_path / "out")
 
     # the frames are the documented call's, with the store's embeddings (uint8 rounding apart)
     store = EmbeddingStore(str(tmp_path / "store"))

@@ -19,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("file", help="manifest file, glob or partitioned folder")
     show.add_argument("-n", "--rows", type=int, default=20, help="rows to print (default 20)")
     show.set_defaults(func=_show)
-    report = sub.add_parser("report", help="(re)build report.html, the contact sheet of an output directory")
+    report = sub.add_parser("report", help="(re)build report.html (an index) and the pages of rows that changed")
     report.add_argument("output", help="output directory of a generate stage")
     report.add_argument("--manifest", help="manifest to fill in prompts and references results lack")
+    report.add_argument("--all", action="store_true", help="rebuild every page, not only those whose results changed")
     report.set_defaults(func=_report)
 
 
@@ -52,11 +53,13 @@ def _show(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ipa_ops.manifest.rows import read_manifest
     from ipa_ops.outputs.folder import OutputDir
-    from ipa_ops.outputs.report import build_report
+    from ipa_ops.outputs.results_writer import group_parts
+    from ipa_ops.report.build import build_report
 
     out = OutputDir(args.output)
     if not out.fs.exists(out.root):
         raise UserError(f"{args.output}: no such output directory; pass the `output:` of a generate stage")
     manifest = read_manifest(args.manifest) if args.manifest else None
-    print(build_report(args.output, manifest))
+    groups = list(group_parts(out)) if args.all else None
+    print(build_report(args.output, manifest, groups=groups))
     return 0

@@ -61,12 +61,15 @@ def check_rows(
     exists: Callable[[str], bool],
     store_has: Callable[[str], bool] | None = None,
     image_size: Callable[[str], tuple[int, int]] | None = None,
+    earlier_ids: Mapping[str, int] | None = None,
 ) -> tuple[list[ManifestRow], list[RowProblem]]:
     """Validate every row on its own: the good rows (defaults filled in) and one problem per bad field.
 
     `exists(uri)` says whether a file is there, `store_has(value)` whether the embedding store holds it
     (a store key, or a URI already extracted), `image_size(uri)` gives (width, height) for the mask
-    aspect check. Each is called once per distinct value.
+    aspect check. Each is called once per distinct value. Rows are numbered by the frame's index
+    (their position in the manifest); `earlier_ids` (id -> row number) names ids of rows left out
+    of `df` because they were checked before, so a duplicate of one is still found.
     """
     partitions = df.attrs.get("partition_columns", ())
     check_columns(df.columns, partitions)
@@ -80,8 +83,8 @@ def check_rows(
     )
     rows: list[ManifestRow] = []
     problems: list[RowProblem] = []
-    first_at: dict[str, int] = {}
-    for pos, record in enumerate(df.to_dict("records"), start=1):
+    first_at: dict[str, int] = dict(earlier_ids or {})  # ids of rows planned before, by position
+    for pos, record in zip((int(i) + 1 for i in df.index), df.to_dict("records"), strict=True):
         deep = [(k, why) for k, why in ((k, cell_problem(v)) for k, v in record.items()) if why]
         raw = {k: v if k == "adapters" or deep else coerce_cell(k, v) for k, v in record.items()}  # adapters: below
         rid = raw.get("id")

@@ -15,6 +15,7 @@ import math
 import posixpath
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -221,6 +222,24 @@ def read_manifest(uri_or_glob: str) -> pd.DataFrame:
     All schema columns are present (None where empty), then partition and `x_` columns; the
     partition columns are listed in `df.attrs["partition_columns"]`. Unknown columns are an error.
     """
+    return manifest_frame(read_records(uri_or_glob))
+
+
+@dataclass
+class ManifestRecords:
+    """A manifest's rows as read (partition values filled in), before any cell is coerced.
+
+    Planning hashes these to recognise rows it planned before, and coerces only the others.
+    """
+
+    source: str
+    records: list[dict[str, Any]]
+    partitions: list[str]
+    extras: list[str]
+
+
+def read_records(uri_or_glob: str) -> ManifestRecords:
+    """The rows of a manifest as plain dicts; unknown columns are an error (as in `read_manifest`)."""
     fs, files = _discover(uri_or_glob)
     records: list[dict[str, Any]] = []
     partitions: dict[str, None] = {}
@@ -233,10 +252,18 @@ def read_manifest(uri_or_glob: str) -> pd.DataFrame:
             records.append(record)
     extras = {k: None for r in records for k in r if k not in _COLUMNS}
     check_columns(extras, partitions, source=uri_or_glob)
-    columns = [*COLUMN_NAMES, *extras]
-    data = {c: _series([coerce_cell(c, r.get(c)) for r in records], c) for c in columns}
+    return ManifestRecords(uri_or_glob, records, list(partitions), list(extras))
+
+
+def manifest_frame(raw: ManifestRecords, positions: list[int] | None = None) -> pd.DataFrame:
+    """The rows at `positions` (default: all) as the coerced DataFrame, indexed by their position."""
+    picked = raw.records if positions is None else [raw.records[i] for i in positions]
+    columns = [*COLUMN_NAMES, *raw.extras]
+    data = {c: _series([coerce_cell(c, r.get(c)) for r in picked], c) for c in columns}
     df = pd.DataFrame(data, columns=columns)
-    df.attrs["partition_columns"] = [p for p in partitions if p not in _COLUMNS]
+    if positions is not None:
+        df.index = pd.Index(positions)
+    df.attrs["partition_columns"] = [p for p in raw.partitions if p not in _COLUMNS]
     return df
 
 

@@ -130,12 +130,12 @@ class OutputDir:
 
         The fan-out keeps folders small (tools and the Hugging Face Hub struggle past ~10^4 files).
         """
-        key = _check_key(row_key)
+        key = check_key(row_key)
         return self.path("images", key[:2], f"{key}.{_check_ext(ext)}")
 
     def frame_path(self, row_key: str, index: int, ext: str = "png") -> str:
         """`<output>/images/<key[:2]>/<row_key>/<index>.png`: the frames of a video row, fanned out too."""
-        key = _check_key(row_key)
+        key = check_key(row_key)
         return self.path("images", key[:2], key, f"{int(index):05d}.{_check_ext(ext)}")
 
     def resolve(self, entry: str) -> str:
@@ -247,6 +247,14 @@ class OutputDir:
         found = done_index.present(self.fs, (f for files in wanted.values() for f in files), self.local)
         return {key for key, files in wanted.items() if all(f in found for f in files)}
 
+    def exists(self, path: str) -> bool:
+        """Whether a file under the output exists (one HEAD on object storage)."""
+        return bool(self.fs.exists(self._strip(path)))
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(self._strip(path), "rb") as f:
+            return f.read()
+
     def write_run_json(self, data: Mapping[str, Any]) -> str:
         """`run.json`: flow snapshot, counts, timings, versions (whatever the run records), atomically."""
         text = json.dumps(dict(data), indent=2, default=str) + "\n"
@@ -324,7 +332,7 @@ def _timestamp(value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
     if not isinstance(key, str) or not KEY.match(key):
         raise ValueError(f"row key {key!r} is not a hex digest; output files are named by row_key only")
     return key

@@ -74,42 +74,55 @@ def compact_group(out: OutputDir, group: str) -> str | None:
     Returns the merged part, or None when the group has fewer than two parts. Unreadable parts are
     quarantined by the reader (not merged, not lost silently); refused ones stop it (never rewritten).
     """
-    paths = [p for p in results_parts.list_parts(out.fs, out.results_dir()) if _group(p) == group]
+    paths = group_parts(out).get(group, [])
     if len(paths) < 2:
         return None
-    tables, merged_from = [], []
-    for path in paths:
-        try:
-            table = results_parts.read_part(out.fs, path)
-        except FileNotFoundError:  # another compaction took it: leave this group to that one
-            return None
-        if table is not None:
-            tables.append(table)
-            merged_from.append(path)
-    if not tables:
+    table, merged_from = read_group(out, paths)
+    if table is None:
         return None
-    table = pa.concat_tables([_normalise(t) for t in tables], promote_options="permissive")
     first = results_parts.parse_name(paths[0])
     assert first is not None
     name = results_parts.compacted_name(first.ts, group, uuid.uuid4().hex)
-    merged = out.write_results_table(_unique_attempts(table), name)  # 1. the merged part, whole
+    merged = out.write_results_table(table, name)  # 1. the merged part, whole
     for path in merged_from:  # 2. only then the parts it replaces
         out.fs.rm(path)
     return merged
 
 
+def group_parts(out: OutputDir) -> dict[str, list[str]]:
+    """Results parts by compaction group (run tag, or UTC day for untagged parts), oldest first."""
+    groups: dict[str, list[str]] = {}
+    for path in results_parts.list_parts(out.fs, out.results_dir()):
+        groups.setdefault(_group(path), []).append(path)
+    return groups
+
+
+def read_group(out: OutputDir, paths: list[str]) -> tuple[pa.Table | None, list[str]]:
+    """The rows of `paths` as one table of today's columns, each attempt once, and the parts read.
+
+    (None, []) when a part vanished meanwhile (another compaction took the group) or none was readable.
+    """
+    tables, read = [], []
+    for path in paths:
+        try:
+            table = results_parts.read_part(out.fs, path)
+        except FileNotFoundError:
+            return None, []
+        if table is not None:
+            tables.append(table)
+            read.append(path)
+    if not tables:
+        return None, []
+    table = pa.concat_tables([_normalise(t) for t in tables], promote_options="permissive")
+    return _unique_attempts(table), read
+
+
 def compact_output(out: OutputDir) -> dict[str, int]:
     """`ipa compact OUTPUT`: one part per run (or per day, for parts written before run tags)."""
-    paths = results_parts.list_parts(out.fs, out.results_dir())
-    groups: dict[str, int] = {}
-    for path in paths:
-        groups[_group(path)] = groups.get(_group(path), 0) + 1
-    merged = 0
-    for group, count in groups.items():
-        if count > 1 and compact_group(out, group) is not None:
-            merged += 1
+    groups = group_parts(out)
+    merged = sum(1 for group, paths in groups.items() if len(paths) > 1 and compact_group(out, group) is not None)
     after = len(results_parts.list_parts(out.fs, out.results_dir()))
-    return {"parts_before": len(paths), "parts_after": after, "groups_merged": merged}
+    return {"parts_before": sum(len(p) for p in groups.values()), "parts_after": after, "groups_merged": merged}
 
 
 def _group(path: str) -> str:

@@ -34,6 +34,7 @@ from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import EncoderSpec, ExtractStage, Flow
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
+from ipa_ops.stages.progress import Progress
 from ipa_ops.stages.ray_address import init_address
 from ipa_ops.store.dataset import EmbeddingStore, content_key, uncond_key
 from ipa_ops.store.encoders.ids import clip_folder, encoder_id, face_pack_dir
@@ -284,18 +285,25 @@ def run_extract(
     started = ensure_ray(flow.ray.address)
     faces = [ids[a] for a in ids if kinds[a] == "face"]
     claims = Claims.remote(committer.done - faces_missing_crops(store, faces, list(clips.values())))
+    progress = Progress("extract", len(uris) * len(ids), unit="images")
+    wanted = set(uris)
     batches: Any = iter(())
     try:
         ds = _pipeline(flow, stage, uris, ids, kinds, clips, claims, {k for k in known if k.startswith("uncond/")})
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
         for batch in batches:
-            for job in batch.drop_columns(["pixels"]).to_pylist():
+            jobs = batch.drop_columns(["pixels"]).to_pylist()
+            for job in jobs:
                 collect(job, ids, kinds, counts, committer)
+            inputs = [j for j in jobs if not j["origin"] and j["uri"] in wanted]  # not face crops, not uncond
+            failed = sum(j["state"] == "error" for j in inputs)
+            progress.update(ok=len(inputs) - failed, errors=failed)
             if on_batch is not None:
                 on_batch(batch.num_rows)
     finally:
         getattr(batches, "close", lambda: None)()  # stops the pipeline at once when the driver fails
         committer.flush()  # whatever arrived is kept, even when the run fails half-way
+        progress.close()
         ray.kill(claims)
         if started:
             ray.shutdown()

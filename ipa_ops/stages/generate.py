@@ -24,13 +24,15 @@ import ray
 from ipa_ops.flow.spec import Flow, GenerateResources, GenerateStage
 from ipa_ops.generate import payload
 from ipa_ops.generate.generator import Generator
-from ipa_ops.generate.manifest_plan import plan_manifest, row_error
+from ipa_ops.generate.manifest_plan import plan_rows, row_error
 from ipa_ops.generate.plan import RowPlan, prepare
 from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
-from ipa_ops.outputs.report import build_report
 from ipa_ops.outputs.results_writer import ResultsWriter
+from ipa_ops.outputs.thumbs import write_thumbnail
+from ipa_ops.report.build import build_report
 from ipa_ops.stages import gpus_per_actor, stopping
+from ipa_ops.stages.progress import Progress
 from ipa_ops.store.dataset import EmbeddingStore
 
 
@@ -120,6 +122,7 @@ class CommitImages:
                 continue
             array = np.load(io.BytesIO(data), allow_pickle=False)
             written.append(json.dumps(write_outputs(self.out, plan.row_key, array)))
+            write_thumbnail(self.out, plan.row_key, array)  # made once, here; the report only links it
         return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(written, dtype=object)}
 
 
@@ -148,10 +151,11 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
     """Generate every row whose key is not done yet; returns counts and throughput."""
     start = time.perf_counter()
     out = OutputDir(stage.output)
-    plans, bad = plan_manifest(flow, stage)
+    planned = plan_rows(flow, stage, reuse=True, done=out.done_keys)  # known done rows: not planned again
+    plans, bad = planned.plans, planned.errors
     done = out.done_keys({p.row_key for p in plans})  # only the planned keys are looked up
     todo = [p for p in plans if p.row_key not in done]
-    skipped = len(plans) - len(todo)
+    skipped = planned.skipped + len(plans) - len(todo)
     writer = ResultsWriter(out, stage.commit_rows, stage.commit_seconds)
     try:
         counts = _generate(flow, stage, todo, bad, skipped, writer, actor_cls)
@@ -162,7 +166,7 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
     elapsed = time.perf_counter() - start
     summary = {
         **counts,
-        "rows": len(plans) + len(bad),
+        "rows": planned.skipped + len(plans) + len(bad),
         "seconds": round(elapsed, 3),
         "images_per_second": round(counts["ok"] / elapsed, 3) if elapsed else 0.0,
     }
@@ -174,7 +178,7 @@ def run_generate(flow: Flow, stage: GenerateStage, actor_cls: type = GeneratorAc
             "finished_at": _now().isoformat(),
         }
     )
-    build_report(stage.output)
+    build_report(stage.output, groups=[writer.run_tag])  # this run's pages and the index
     return summary
 
 
@@ -194,6 +198,10 @@ def _generate(
     counts = {"ok": 0, "error": n_failed, "skipped": skipped + len(failed_rows) - n_failed}
     seen: set[str] = set()
     todo = [p for p in todo if not (p.row_key in seen or seen.add(p.row_key))]  # duplicates made once
+    progress = Progress("generate", len(todo))
+    progress.stream.write(
+        f"generate: {len(todo)} row(s) to make, {skipped} already done, {n_failed} failed their checks\n"
+    )
     todo.sort(key=lambda p: json.dumps(p.group_key(), default=str))
     if todo:
         res = stage.resources
@@ -208,8 +216,6 @@ def _generate(
             compute=_pool(res.actors),
             num_gpus=gpus_per_actor(res.num_gpus),
             num_cpus=res.num_cpus,
-            max_restarts=3,
-            max_task_retries=3,
         )
         ds = ds.map_batches(
             CommitImages, fn_constructor_args=(stage.output,), batch_size=res.batch_size, compute=_pool(1), num_cpus=0.5
@@ -225,6 +231,8 @@ def _generate(
                 counts[status] += 1
                 rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
             writer.add(rows)
+            progress.update(ok=sum(r["status"] == "ok" for r in rows), errors=sum(r["status"] == "error" for r in rows))
+    progress.close()
     return counts
 
 
