@@ -145,11 +145,13 @@ def measure(kind: str, uri: str, n: int) -> dict:
     """One measurement in this (fresh) process."""
     out = OutputDir(uri)
     if kind == "done":
-        from ipa_ops.generate.manifest_plan import plan_rows
+        from ipa_ops.generate.manifest_plan import fingerprints, plan_rows
+        from ipa_ops.generate.plan_cache import PlanCache, context_hash
 
-        planned = plan_rows(*_flow_stage(uri, n)).plans  # not timed: the keys are the input
+        flow, stage = _flow_stage(uri, n)  # the keys are the input: read from the plan cache, not timed
+        keys = set(PlanCache(uri, context_hash(flow, stage, fingerprints(flow, stage))).load().values())
         t0 = time.perf_counter()
-        done = out.done_keys({p.row_key for p in planned})
+        done = out.done_keys(keys)
         seconds = time.perf_counter() - t0
         assert len(done) == n, len(done)
     elif kind == "rerun":
