@@ -23,6 +23,7 @@ from ipa_ops.report.html import document, esc, histogram, table
 from ipa_ops.report.pages import PAGE_ROWS, page_name, read_marker, write_marker, write_pages
 
 INDEX_COLUMNS = ["id", "row_key", "status", "finished_at", "error"]
+PAGE_COLUMNS = [*INDEX_COLUMNS, "outputs", "seed", "prompt", "references", "masks", "scale"]  # what a page shows
 MAX_ERRORS = 500  # failed rows listed on the index; the rest are on their run's pages
 MAX_RUNS = 50  # latest ledger records on the index
 WORST_ROWS = 2 * PAGE_ROWS  # rows on each "worst first" list of a score
@@ -131,7 +132,7 @@ def _worst_lists(
     out: OutputDir, scores: pd.DataFrame, columns: list[str], known: Mapping[str, Any], title: str
 ) -> dict[str, str]:
     """For each score, a page list of the worst rows first; returns score -> link from the index."""
-    latest_rows = latest(out.read_results(), "row_key")
+    latest_rows = latest(out.read_results(columns=PAGE_COLUMNS), "row_key")
     merged = latest_rows.merge(scores.drop_duplicates("row_key", keep="last"), on="row_key", how="inner")
     links = {}
     for column in columns:
