@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ipa_ops", "ipa_ops.errors", "ipa_ops.canonical"),
     ("ipa_ops.storage", "ipa_ops.zoo"),
     ("ipa_ops.flow",),
+    ("ipa_ops.records",),
     ("ipa_ops.manifest", "ipa_ops.store"),
     ("ipa_ops.outputs",),
     ("ipa_ops.generate", "ipa_ops.doctor"),

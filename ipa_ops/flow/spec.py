@@ -217,6 +217,7 @@ class Flow(Strict):
     )
     stages: Stages = Field(default_factory=Stages)
     schedule: str | None = Field(None, description="Cron expression for scheduled cluster runs.")
+    metadata: bool = Field(True, description="Write each row's record inside its images (A1111 text, JSON, XMP).")
 
     @model_validator(mode="after")
     def _aliases_exist(self) -> Flow:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ipa_ops.flow.sources import fingerprint, resolve
 from ipa_ops.flow.spec import Flow, GenerateStage
-from ipa_ops.generate import faceid, loras, tasks
+from ipa_ops.generate import faceid, loras, records, tasks
 from ipa_ops.generate.plan import PlanError, RowPlan, plan_row
 from ipa_ops.generate.plan_cache import PlanCache, context_hash, row_files, row_hash
 from ipa_ops.generate.preflight import check_adapter, model_dims
@@ -115,6 +115,10 @@ def plan_rows(
             errors.append({"id": row.id, "error": row_error(exc, row.id), "status": "skipped"})
         except (PlanError, OSError, ValueError) as exc:
             errors.append({"id": row.id, "error": row_error(exc, row.id)})
+    if plans:  # what every row of a model shares: model sources and hash, scheduler config, store
+        shared = records.run_parts(flow, stage.store, {p.request["model"] for p in plans})
+        for plan in plans:
+            records.finish(plan.record, shared)
     if cache is not None and done is not None:
         at = {str(raw.records[i].get("id")): i for i in positions}
         entries = {hashes[i]: key for i, key in matched.items()}

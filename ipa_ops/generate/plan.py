@@ -18,7 +18,7 @@ import torch
 from ipa_ops.flow.face_encoders import face_encoder_alias
 from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.flow.spec import Flow, GenerateStage
-from ipa_ops.generate import conditioning, faceid, loras, tasks
+from ipa_ops.generate import conditioning, faceid, loras, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.outputs.folder import row_key
@@ -60,6 +60,7 @@ class RowPlan:
     provenance: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     control_image: str | None = None  # controlnet rows
+    record: dict[str, Any] = field(default_factory=dict)  # the complete effective request (records.py); not keyed
 
     def group_key(self) -> tuple:
         return RowRequest(**self.request).group_key()
@@ -124,6 +125,7 @@ def plan_row(
     )
     request.update(tasks.request_fields(row, flow, request["model"]))  # controlnet_scale, num_frames: their tasks
     adapters: list[AdapterPlan] = []
+    adapter_records: list[dict[str, Any]] = []
     dropped: dict[str, str] = {}
     face_ctx = faceid.FaceContext(flow, encoder_ids, faces or faceid.FaceLookup(None), usable)
     for i, ref in enumerate(row.adapters or []):
@@ -173,6 +175,7 @@ def plan_row(
                 face=face.plus if face is not None else None,
             )
         )
+        adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"]))
     init = getattr(row, "init_image", None) or None
     mask = getattr(row, "mask_image", None) or None
     control = (getattr(row, "control_image", None) or None) if row.task == "controlnet" else None
@@ -208,7 +211,40 @@ def plan_row(
         **extra,
     }
     report = row.result_fields()
-    return RowPlan(rid, row_key(identity), request, init, mask, adapters, provenance, report, control)
+    key = row_key(identity)
+    images = {"init_image": init, "mask_image": mask, "control_image": control}
+    refs = {name: records.image_ref(uri, _sha(uri) if uri else None) for name, uri in images.items()}
+    record = records.row_record(request, key, adapter_records, refs, fingerprints, flow)
+    return RowPlan(rid, key, request, init, mask, adapters, provenance, report, control, record)
+
+
+def _content_sha(ref: str) -> str:
+    """The sha256 of a reference's image: a store key's first part, else the file's bytes."""
+    return ref.split("/", 1)[0] if _STORE_KEY.match(ref) else _sha(ref)
+
+
+def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, Any]:
+    """One adapter's part of the row record: what the manifest named and what was read for it."""
+
+    def refs(given: list[str], keys: list[str]) -> list[dict[str, Any]]:
+        pairs = zip(given, keys, strict=True)
+        return [records.reference(u, k, _content_sha(u), bool(_STORE_KEY.match(u))) for u, k in pairs]
+
+    return {
+        "alias": plan.alias,
+        "fingerprint": fingerprint,
+        "encoder": plan.encoder,
+        "field": plan.field,
+        "references": refs(list(ref.images), plan.keys),
+        "negatives": refs(list(ref.negative_images or []), plan.negative_keys),
+        "masks": [{"uri": m, "sha256": _sha(m)} for m in plan.masks],
+        "combine": plan.combine,
+        "mask_fit": plan.mask_fit,
+        "soft_masks": plan.soft_masks,
+        "scale": plan.scale,
+        "schedule_hash": None,
+        "face": plan.face,
+    }
 
 
 def _check_model(

@@ -39,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ipa_ops.canonical import canonical_json
 from ipa_ops.outputs import done_index, results_parts
+from ipa_ops.records.schema import RECORD_COLUMNS
 from ipa_ops.storage.full import disk_full, is_full
 
 KEY = re.compile(r"^[0-9a-f]{8,64}$")
@@ -69,6 +70,7 @@ _RESULT_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "embedding_keys": (_STRINGS, "Embedding-store keys the row used."),
     "schedule_hash": (pa.string(), "Hash(es) of the effective [layers, steps] schedules (JSON when several)."),
     "versions": (pa.string(), "Package versions as JSON (ipa, torch, diffusers, transformers, ray, insightface)."),
+    **RECORD_COLUMNS,  # the complete effective request (records/schema.py): what `ipa reproduce` remakes it from
 }
 RESULTS_SCHEMA = pa.schema([(k, t) for k, (t, _) in _RESULT_COLUMNS.items()])
 RESULTS_DOCS: dict[str, str] = {k: doc for k, (_, doc) in _RESULT_COLUMNS.items()}

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 
 from ipa_ops.flow.spec import Flow, GenerateResources, GenerateStage
-from ipa_ops.generate import payload
+from ipa_ops.generate import payload, records
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_rows, row_error
 from ipa_ops.generate.plan import RowPlan, prepare
@@ -30,6 +30,7 @@ from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.results_writer import ResultsWriter
 from ipa_ops.outputs.thumbs import write_thumbnail
+from ipa_ops.records.schema import to_columns
 from ipa_ops.report.build import build_report
 from ipa_ops.stages import gpus_per_actor, stopping
 from ipa_ops.stages.progress import Progress
@@ -108,20 +109,24 @@ def _npy(image: np.ndarray | None) -> bytes:
 
 class CommitImages:
     """CPU stage: encode and write each row's files atomically: images/<k[:2]>/<row_key>.png, or for
-    a video images/<k[:2]>/<row_key>.gif and its frames (outputs/files.py); `output` is their JSON list."""
+    a video images/<k[:2]>/<row_key>.gif and its frames (outputs/files.py); `output` is their JSON list.
+    With `metadata` each file carries the row's record (records/metadata.py)."""
 
-    def __init__(self, output_uri: str):
+    def __init__(self, output_uri: str, metadata: bool = True):
         self.out = OutputDir(output_uri)
+        self.metadata = metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         written = []
-        for text, data, error in zip(batch["plan"], batch["image"], batch["error"], strict=True):
+        rows = zip(batch["plan"], batch["image"], batch["error"], batch["schedule_hashes"], strict=True)
+        for text, data, error, hashes in rows:
             plan = RowPlan.from_json(str(text))
             if error or not data:
                 written.append("[]")
                 continue
             array = np.load(io.BytesIO(data), allow_pickle=False)
-            written.append(json.dumps(write_outputs(self.out, plan.row_key, array)))
+            record = records.with_schedule_hashes(plan.record, json.loads(str(hashes))) if self.metadata else None
+            written.append(json.dumps(write_outputs(self.out, plan.row_key, array, record or None)))
             write_thumbnail(self.out, plan.row_key, array)  # made once, here; the report only links it
         return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(written, dtype=object)}
 
@@ -144,6 +149,8 @@ def _result(
         "provenance": {**plan.provenance, "schedule_hashes": json.loads(extra.get("schedule_hashes", "{}"))},
         **plan.report,
     }
+    if plan.record:  # the complete effective request, as record columns (records/schema.py)
+        row.update(to_columns(records.with_schedule_hashes(plan.record, row["provenance"]["schedule_hashes"])))
     return row
 
 
@@ -218,7 +225,11 @@ def _generate(
             num_cpus=res.num_cpus,
         )
         ds = ds.map_batches(
-            CommitImages, fn_constructor_args=(stage.output,), batch_size=res.batch_size, compute=_pool(1), num_cpus=0.5
+            CommitImages,
+            fn_constructor_args=(stage.output, flow.metadata),
+            batch_size=res.batch_size,
+            compute=_pool(1),
+            num_cpus=0.5,
         )
         by_id = {p.row_key: p for p in todo}
         for batch in ds.iter_batches(batch_size=res.batch_size, batch_format="numpy"):
