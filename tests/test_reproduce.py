@@ -211,7 +211,11 @@ def test_every_metadata_chunk_parses(run: dict) -> None:
         assert set(info) >= {PARAMETERS_KEY, RECORD_KEY, XMP_KEY}
         assert not {"tIME", "Creation Time", "date:create"} & set(info)
         record = json.loads(info[RECORD_KEY])
+        mates = record.pop("batch_records", [])
         assert record == from_columns(row)  # the image's record is its results row's
+        keys = record["batch"]["row_keys"]  # plus the records of the rows it shared its pipeline call with
+        assert [m["row_key"] for m in mates] == [k for k in keys if k != row["row_key"]]
+        assert record["batch"]["torch_threads"] >= 1 and record["batch"]["device"] == "cpu"
         parsed = parse_infotext(info[PARAMETERS_KEY])
         assert parsed["prompt"] == row["prompt"] and parsed["negative_prompt"] == row["negative_prompt"]
         assert parsed["Steps"] == "3" and parsed["Seed"] == str(row["seed"]) and parsed["Size"] == "64x64"
@@ -233,7 +237,9 @@ def test_every_metadata_chunk_parses(run: dict) -> None:
     two = parse_infotext(_info(run, "two")[PARAMETERS_KEY])
     assert json.loads(parse_infotext(two["IP-Adapter 1"], settings_only=True)["Schedule"]) == {"end": 0.5, "value": 0.8}
     with Image.open(_image(run, "vid")) as gif:  # the GIF: its comment is the record
-        assert json.loads(gif.info["comment"]) == from_columns(run["rows"]["vid"])
+        record = json.loads(gif.info["comment"])
+        record.pop("batch_records", None)
+        assert record == from_columns(run["rows"]["vid"])
 
 
 def _info(run: dict, rid: str) -> dict:

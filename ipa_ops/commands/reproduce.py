@@ -36,8 +36,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     else:
         raise UserError("reproduce: give OUTPUT ROW_KEY (a results row) or --png FILE (an image written by ipa)")
     sources = load_flow(args.flow) if args.flow else None
-    array = reproduce.remake(original.record, args.mirror, args.store, sources, args.device)
-    encoded, written = reproduce.write(args.out, original.record, array)
+    array = reproduce.remake(original, args.mirror, args.store, sources, args.device)
+    encoded, written = reproduce.write(original, args.out, array)
     result = reproduce.compare(original, encoded)
     print(f"remade row {original.record['id']} ({original.record['row_key']}): {written[0]}")
     if result.identical_pixels:

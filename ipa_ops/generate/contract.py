@@ -83,3 +83,7 @@ class RowOutput:
     seconds: float = 0.0
     worker: str = ""
     schedule_hashes: dict[str, str] = field(default_factory=dict)
+    # which rows shared its pipeline call (indices into the list given to `Generator.generate`, in call order)
+    # and with how many torch threads: on CPU both can change the last bit of an image, so a record keeps them
+    batch: list[int] = field(default_factory=list)
+    torch_threads: int = 0

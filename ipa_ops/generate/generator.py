@@ -134,6 +134,7 @@ class Generator:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk]), strict=True):
+                    out.batch = [chunk[j] for j in out.batch]  # positions in the call -> in `rows`
                     outputs[i] = out
         return [o for o in outputs if o is not None]
 
@@ -160,10 +161,14 @@ class Generator:
             self.stats["batch_failures"] += 1
             if len(rows) == 1:
                 return [RowOutput(rows[0].id, error=_one_line(exc), worker=self.worker)]
-            return [out for row in rows for out in self.run_batch([row])]
+            alone = [self.run_batch([row])[0] for row in rows]
+            for i, out in enumerate(alone):
+                out.batch = [i] if out.batch else []
+            return alone
         seconds = (time.perf_counter() - start) / len(rows)
+        threads, together = torch.get_num_threads(), list(range(len(rows)))
         return [
-            RowOutput(row.id, image=img, seconds=seconds, worker=self.worker, schedule_hashes=h)
+            RowOutput(row.id, img, "", seconds, self.worker, h, batch=together, torch_threads=threads)
             for row, img, h in zip(rows, images, hashes, strict=True)
         ]
 

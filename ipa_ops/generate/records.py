@@ -129,6 +129,23 @@ def with_schedule_hashes(record: dict[str, Any], hashes: dict[str, str]) -> dict
     return {**record, "adapters": adapters}
 
 
+def with_run(record: dict[str, Any], hashes: dict[str, str], batch: dict[str, Any] | None) -> dict[str, Any]:
+    """The record as generated: its schedule hashes and the pipeline call it shared (`batch`)."""
+    if not record:
+        return record
+    return {**with_schedule_hashes(record, hashes), "batch": batch or None}
+
+
+def mate(record: dict[str, Any]) -> dict[str, Any]:
+    """A batchmate's record as an image carries it (so the image alone remakes the call): no sources, no batch."""
+    return {k: v for k, v in record.items() if k not in ("sources", "batch", "batch_records")}
+
+
+def for_image(record: dict[str, Any], mates: list[dict[str, Any]]) -> dict[str, Any]:
+    """What goes inside the image: the record and the records of the rows it shared its pipeline call with."""
+    return {**record, "batch_records": [mate(m) for m in mates]} if mates else record
+
+
 def sources(flow: Flow, model: str) -> dict[str, Any]:
     """The flow sections a row's generator loads: its model (and task models), every adapter and LoRA, the encoders.
 

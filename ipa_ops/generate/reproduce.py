@@ -11,13 +11,14 @@ record, so a mismatch is named instead of showing up as a different image.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.sources import fingerprint, resolve
@@ -25,6 +26,7 @@ from ipa_ops.flow.spec import Flow
 from ipa_ops.generate import loras
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.plan import AdapterPlan, RowPlan, prepare
+from ipa_ops.generate.records import for_image
 from ipa_ops.outputs import results_parts
 from ipa_ops.outputs.files import Encoded, encode_outputs
 from ipa_ops.outputs.folder import OutputDir
@@ -43,10 +45,13 @@ class ReproduceError(UserError):
 
 @dataclass
 class Original:
-    """The record and the files it was written as (the main file first; a video's frames after)."""
+    """The record, the files it was written as (the main file first; a video's frames after), and the
+    records of the rows that shared its pipeline call (`batch.row_keys` order, itself left out)."""
 
     record: dict[str, Any]
     files: list[str]
+    mates: list[dict[str, Any]] = field(default_factory=list)
+    frame: int | None = None  # `--png` on one frame of a video
 
 
 @dataclass
@@ -73,7 +78,16 @@ def from_output(output: str, row_key: str) -> Original:
         record = from_columns(row)
     except ValueError as exc:
         raise ReproduceError(str(exc)) from None
-    return Original(record, [out.resolve(str(o)) for o in row["outputs"] or []])
+    mates = []
+    for key in (record.get("batch") or {}).get("row_keys") or []:
+        if key == row_key:
+            continue
+        found = table.filter(pc.and_(pc.equal(table["row_key"], key), pc.equal(table["status"], "ok"))).to_pylist()
+        if not found:
+            raise ReproduceError(f"{output}: row {record['id']} shared its pipeline call with row key {key}, which has "
+                                 f"no ok results row here; remake it from its image with --png")  # fmt: skip
+        mates.append(from_columns(max(found, key=lambda r: r["finished_at"])))
+    return Original(record, [out.resolve(str(o)) for o in row["outputs"] or []], mates)
 
 
 def from_image(path: str) -> Original:
@@ -82,7 +96,9 @@ def from_image(path: str) -> Original:
         record = read_record(path)
     except (OSError, ValueError) as exc:
         raise ReproduceError(str(exc)) from None
-    return Original(record, [path])
+    mates = record.pop("batch_records", None) or []
+    frame = record.pop("frame", None)
+    return Original(record, [path], mates, frame)
 
 
 def flow_of(record: dict[str, Any], mirror: str | None = None, sources_from: Flow | None = None) -> Flow:
@@ -184,33 +200,54 @@ def check_inputs(record: dict[str, Any]) -> None:
 
 
 def remake(
-    record: dict[str, Any],
+    original: Original,
     mirror: str | None = None,
     store: str | None = None,
     sources_from: Flow | None = None,
     device: str | None = None,
 ) -> np.ndarray:
-    """The row's output as uint8, remade from the record: (H, W, 3), or (F, H, W, 3) for a video."""
+    """The row's output as uint8, remade from the record: (H, W, 3), or (F, H, W, 3) for a video.
+
+    The row is remade in the pipeline call it was made in: with the rows that shared it, in the
+    same order, on as many torch threads (on CPU each changes the last bit of some pixels).
+    """
+    record = original.record
     flow = flow_of(record, mirror, sources_from)
-    check_weights(record, flow)
-    check_inputs(record)
-    plan = plan_of(record)
+    by_key = {m["row_key"]: m for m in original.mates}
+    batch = record.get("batch") or {}
+    missing = [k for k in batch.get("row_keys") or [] if k != record["row_key"] and k not in by_key]
+    if missing:
+        raise ReproduceError(f"row {record.get('id')}: the records of rows {missing} it was made with are missing")
+    call = [by_key.get(k, record) for k in batch.get("row_keys") or []] or [record]
+    for made in call:
+        check_weights(made, flow)
+        check_inputs(made)
     store_uri = store or record.get("store")
-    if plan.adapters and not store_uri:
+    if any(made.get("adapters") for made in call) and not store_uri:
         raise ReproduceError(f"row {record.get('id')}: the record names no embedding store; pass --store")
     try:
-        request = prepare(plan, EmbeddingStore(store_uri) if store_uri else None)
+        opened = EmbeddingStore(store_uri) if store_uri else None
+        requests = [prepare(plan_of(made), opened) for made in call]
     except (OSError, KeyError, ValueError) as exc:
         raise ReproduceError(f"row {record.get('id')}: {exc}") from None
-    (output,) = Generator(flow, device=device, batch_size=1).generate([request])
+    generator = Generator(flow, device=device, batch_size=len(requests))
+    threads = torch.get_num_threads()
+    if generator.device == "cpu" and batch.get("torch_threads"):
+        torch.set_num_threads(int(batch["torch_threads"]))
+    try:
+        outputs = generator.generate(requests)
+    finally:
+        torch.set_num_threads(threads)
+    output = outputs[call.index(record)]
     if output.error or output.image is None:
         raise ReproduceError(output.error or f"row {record.get('id')}: the generator returned no image")
     return (np.clip(output.image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def write(out_dir: str, record: dict[str, Any], array: np.ndarray, metadata: bool = True) -> tuple[Encoded, list[str]]:
+def write(original: Original, out_dir: str, array: np.ndarray) -> tuple[Encoded, list[str]]:
     """The remade output in DIR as `<row_key>.png` (a video: `.gif` and `<row_key>/<i>.png`), with its record."""
-    encoded = encode_outputs(array, record if metadata else None)
+    record = original.record
+    encoded = encode_outputs(array, for_image(record, original.mates))
     root = Path(out_dir)
     key = record["row_key"]
     paths = [root / f"{key}.{encoded.ext}"] + [root / key / f"{i:05d}.png" for i in range(len(encoded.frames))]
@@ -227,10 +264,9 @@ def compare(original: Original, encoded: Encoded) -> Comparison:
     remade = {"main": encoded.data, **{f"{i:05d}": frame for i, frame in enumerate(encoded.frames)}}
     pairs = []
     for i, uri in enumerate(original.files):
-        frame = original.record.get("frame")
         name = posixpath.basename(uri)
-        if frame is not None:  # `--png` on one frame of a video
-            which = f"{int(frame):05d}"
+        if original.frame is not None:  # `--png` on one frame of a video
+            which = f"{int(original.frame):05d}"
         elif i == 0:
             which = "main"
         else:

@@ -70,6 +70,11 @@ RECORD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
         "Per adapter: alias, fingerprint, encoder, store field, references and negatives (URI, sha256, store key), "
         "masks (URI, sha256), combine, mask fit, scale spec (JSON), effective schedule hash, FaceID-Plus options.",
     ),
+    "batch": (
+        pa.struct([("row_keys", pa.list_(pa.string())), ("torch_threads", pa.int64()), ("device", pa.string())]),
+        "The pipeline call the row shared (row keys in call order), its torch threads and device: on CPU both "
+        "decide the last bit of an image, so `ipa reproduce` remakes the same call.",
+    ),
     "store": (pa.string(), "Embedding store URI the references were read from."),
     "sources": (pa.string(), "Model sources (the flow's model, adapter, LoRA, encoder sections) and mirror, as JSON."),
 }

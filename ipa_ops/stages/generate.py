@@ -82,12 +82,15 @@ class GeneratorActor:
         outputs = self.generator.generate([payload.from_bytes(batch["payload"][i]) for i in todo])
         images: list[Any] = [None] * len(errors)
         seconds, hashes = [0.0] * len(errors), ["{}"] * len(errors)
-        for i, out in zip(todo, outputs, strict=True):
+        runs, mates = ["{}"] * len(errors), ["[]"] * len(errors)
+        plans = [RowPlan.from_json(str(batch["plan"][i])) for i in todo]
+        for k, (i, out) in enumerate(zip(todo, outputs, strict=True)):
             errors[i] = out.error
             seconds[i] = out.seconds
             hashes[i] = json.dumps(out.schedule_hashes)
             if out.image is not None:
                 images[i] = (np.clip(out.image, 0, 1) * 255).round().astype(np.uint8)
+                runs[i], mates[i] = _call_of(k, plans, outputs, self.generator.device)
         return {
             "plan": batch["plan"],
             "image": np.array([_npy(im) for im in images], dtype=object),
@@ -96,7 +99,17 @@ class GeneratorActor:
             "schedule_hashes": np.array(hashes, dtype=object),
             "worker": np.array([self.generator.worker] * len(errors), dtype=object),
             "started_at": np.array([started] * len(errors), dtype=object),
+            "run": np.array(runs, dtype=object),
+            "mates": np.array(mates, dtype=object),
         }
+
+
+def _call_of(k: int, plans: list[RowPlan], outputs: list[Any], device: str) -> tuple[str, str]:
+    """Row k's pipeline call (row keys in call order, torch threads, device) and its batchmates' records, as JSON."""
+    call = outputs[k].batch
+    run = {"row_keys": [plans[j].row_key for j in call], "torch_threads": outputs[k].torch_threads, "device": device}
+    mates = [records.with_run(plans[j].record, outputs[j].schedule_hashes, None) for j in call if j != k]
+    return json.dumps(run), json.dumps(mates)
 
 
 def _npy(image: np.ndarray | None) -> bytes:
@@ -118,15 +131,18 @@ class CommitImages:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         written = []
-        rows = zip(batch["plan"], batch["image"], batch["error"], batch["schedule_hashes"], strict=True)
-        for text, data, error, hashes in rows:
+        rows = zip(batch["plan"], batch["image"], batch["error"], batch["schedule_hashes"], batch["run"], strict=True)
+        for i, (text, data, error, hashes, run) in enumerate(rows):
             plan = RowPlan.from_json(str(text))
             if error or not data:
                 written.append("[]")
                 continue
             array = np.load(io.BytesIO(data), allow_pickle=False)
-            record = records.with_schedule_hashes(plan.record, json.loads(str(hashes))) if self.metadata else None
-            written.append(json.dumps(write_outputs(self.out, plan.row_key, array, record or None)))
+            record = None
+            if self.metadata and plan.record:
+                made = records.with_run(plan.record, json.loads(str(hashes)), json.loads(str(run)))
+                record = records.for_image(made, json.loads(str(batch["mates"][i])))
+            written.append(json.dumps(write_outputs(self.out, plan.row_key, array, record)))
             write_thumbnail(self.out, plan.row_key, array)  # made once, here; the report only links it
         return {**{k: batch[k] for k in batch if k != "image"}, "output": np.array(written, dtype=object)}
 
@@ -150,7 +166,8 @@ def _result(
         **plan.report,
     }
     if plan.record:  # the complete effective request, as record columns (records/schema.py)
-        row.update(to_columns(records.with_schedule_hashes(plan.record, row["provenance"]["schedule_hashes"])))
+        made = records.with_run(plan.record, row["provenance"]["schedule_hashes"], json.loads(extra.get("run") or "{}"))
+        row.update(to_columns(made))
     return row
 
 
@@ -237,7 +254,7 @@ def _generate(
             for i in range(len(batch["plan"])):
                 plan = by_id[RowPlan.from_json(str(batch["plan"][i])).row_key]
                 error = str(batch["error"][i])
-                extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at")}
+                extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at", "run")}
                 status = "error" if error else "ok"
                 counts[status] += 1
                 rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
