@@ -8,6 +8,8 @@ generator.py   loads pipelines once, runs batches of rows as one diffusers call
 attention.py   batched IP attention: per-row tokens, scales, masks
 tasks.py, faceid.py, loras.py, conditioning.py, payload.py   task pipelines, faces, LoRAs,
                combining embeddings and masks, the row codec between Ray stages
+records.py     a row's record (its complete effective request), built while it is planned
+reproduce.py   `ipa reproduce`: a row remade from its record, in the pipeline call it was made in
 
-Imports flow, manifest, store and outputs; the stages above it are the only Ray code.
+Imports flow, records, manifest, store and outputs; the stages above it are the only Ray code.
 """

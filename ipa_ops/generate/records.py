@@ -96,7 +96,7 @@ def run_parts(flow: Flow, store: str | None, models: set[str]) -> dict[str, dict
         parts[alias] = {
             "model_hash": model_hash(folder, spec.variant),
             "sources": sources(flow, alias),
-            "store": store,
+            "store": _absolute(store),
             "_scheduler_base": base,
             "_scheduler_options": dict(spec.scheduler_options),
         }
@@ -153,9 +153,7 @@ def sources(flow: Flow, model: str) -> dict[str, Any]:
     checkpoint's own LoRA then changes every row of the model, not only the rows using it).
     """
     spec = flow.models[model]
-    mirror = flow.mirror_root()
-    if mirror and "://" not in mirror:
-        mirror = os.path.abspath(os.path.expanduser(mirror))
+    mirror = _absolute(flow.mirror_root())
 
     def dump(section: dict[str, Any], only: list[str | None] | None = None) -> dict[str, Any]:
         return {a: s.model_dump(mode="json") for a, s in section.items() if only is None or a in only}
@@ -169,6 +167,11 @@ def sources(flow: Flow, model: str) -> dict[str, Any]:
         "encoders": dump(flow.encoders),
         "loras": dump(flow.loras),
     }
+
+
+def _absolute(uri: str | None) -> str | None:
+    """A local path as an absolute one (a record is read from other folders); URIs as they are."""
+    return os.path.abspath(os.path.expanduser(uri)) if uri and "://" not in uri else uri
 
 
 def _scheduler_config(folder: Path) -> dict[str, Any]:
