@@ -287,3 +287,31 @@ def test_results_written_before_records_still_read_resume_and_compact(run: dict,
     old_key = rows[old_ids[0]]["row_key"]
     assert main(["reproduce", str(out), old_key, "--out", str(tmp_path / "r")]) == 2
     assert "has no record (written before records existed" in capsys.readouterr().err
+
+
+def test_a1111_text_survives_awkward_prompts_and_non_latin_text() -> None:
+    """Commas, colons, quotes, newlines and non-Latin-1 text parse back; such text goes in an iTXt chunk."""
+    import io
+
+    from ipa_ops.records.metadata import a1111_parameters, png_info
+
+    record = {
+        "prompt": 'a "quoted" cat, sitting: on\na mat, 猫',
+        "negative_prompt": "bad, worse: worst",
+        "seed": 9, "width": 64, "height": 48, "steps": 4, "guidance_scale": 5.0, "model": "sd15",
+        "model_hash": "0123456789", "scheduler": {"name": "euler_a", "class_name": "EulerAncestralDiscreteScheduler"},
+        "strength": None, "num_frames": None, "components": [], "task": "text2img",
+        "loras": [{"alias": "lcm", "fingerprint": "abc", "weight": 0.5}],
+        "adapters": [{"alias": "a, b", "fingerprint": "f", "scale": {"steps": [1.0, 0.5]}, "references": [{}],
+                      "negatives": [], "masks": [], "combine": "concat", "schedule_hash": "h"}],
+    }  # fmt: skip
+    parsed = parse_infotext(a1111_parameters(record))
+    assert parsed["prompt"] == record["prompt"] and parsed["negative_prompt"] == record["negative_prompt"]
+    assert (parsed["Sampler"], parsed["CFG scale"], parsed["Size"]) == ("Euler a", "5", "64x48")
+    assert parsed["Lora hashes"] == "lcm: abc" and parsed["Lora weights"] == "lcm: 0.5"
+    unit = parse_infotext(parsed["IP-Adapter 0"], settings_only=True)
+    assert unit["Model"] == "a, b [f]" and json.loads(unit["Schedule"]) == {"steps": [1.0, 0.5]}
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG", pnginfo=png_info({**record, "row_key": "k", "version": 1}))
+    assert b"iTXtparameters" in buf.getvalue()  # not Latin-1: an iTXt chunk, as Pillow's add_text does
+    assert Image.open(io.BytesIO(buf.getvalue())).info[PARAMETERS_KEY] == a1111_parameters(record)
