@@ -230,7 +230,8 @@ def remake(
         requests = [prepare(plan_of(made), opened) for made in call]
     except (OSError, KeyError, ValueError) as exc:
         raise ReproduceError(f"row {record.get('id')}: {exc}") from None
-    generator = Generator(flow, device=device, batch_size=len(requests))
+    generator = _generator(flow, device)
+    generator.batch_size = len(requests)
     threads = torch.get_num_threads()
     if generator.device == "cpu" and batch.get("torch_threads"):
         torch.set_num_threads(int(batch["torch_threads"]))
@@ -242,6 +243,18 @@ def remake(
     if output.error or output.image is None:
         raise ReproduceError(output.error or f"row {record.get('id')}: the generator returned no image")
     return (np.clip(output.image, 0, 1) * 255).round().astype(np.uint8)
+
+
+_LOADED: dict[str, Generator] = {}
+
+
+def _generator(flow: Flow, device: str | None) -> Generator:
+    """One loaded Generator per (sources, device) in a process: remaking many rows loads the models once."""
+    key = f"{flow.model_dump_json()}|{device}"
+    if key not in _LOADED:
+        _LOADED.clear()  # one set of pipelines in memory at a time
+        _LOADED[key] = Generator(flow, device=device)
+    return _LOADED[key]
 
 
 def write(original: Original, out_dir: str, array: np.ndarray) -> tuple[Encoded, list[str]]:
