@@ -317,3 +317,26 @@ def test_a1111_text_survives_awkward_prompts_and_non_latin_text() -> None:
     Image.new("RGB", (4, 4)).save(buf, format="PNG", pnginfo=png_info({**record, "row_key": "k", "version": 1}))
     assert b"iTXtparameters" in buf.getvalue()  # not Latin-1: an iTXt chunk, as Pillow's add_text does
     assert Image.open(io.BytesIO(buf.getvalue())).info[PARAMETERS_KEY] == a1111_parameters(record)
+
+
+def test_changed_weights_or_inputs_are_named_before_anything_runs(run: dict, tmp_path: Path, capsys) -> None:
+    row = run["rows"]["i2i-mask"]
+    other = yaml.safe_load(_flow_yaml(tmp_path, run["zoo"], "other").read_text())
+    other["adapters"]["style"]["weight_name"] = "ip-adapter_sd15_light.bin"  # other weights under the same alias
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    args = ["reproduce", str(run["out"]), row["row_key"], "--out", str(tmp_path / "r")]
+    assert main([*args, "--flow", str(tmp_path / "other.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: row i2i-mask: adapter 'style' at ") and "the record says" in err and "\n" not in err
+    with Image.open(_image(run, "i2i-mask")) as image:
+        record = json.loads(image.info[RECORD_KEY])
+    record["init_image"]["sha256"] = "0" * 64  # as if the init image had changed since
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt(RECORD_KEY, json.dumps(record), zip=True)
+    tampered = tmp_path / "tampered.png"
+    Image.new("RGB", (64, 64)).save(tampered, pnginfo=info)
+    assert main(["reproduce", "--png", str(tampered), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"row i2i-mask: init_image: {REF[3]} changed since the row was made" in err
