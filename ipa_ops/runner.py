@@ -13,9 +13,9 @@ from ipa_ops.outputs.ledger import RUN_ID_ENV, new_run_id, recording
 from ipa_ops.stages.ray_address import JOB_ENV, init_address
 from ipa_ops.stages.stopping import Stopper, grace_seconds, stop_on_signals
 from ipa_ops.storage.full import find_disk_full
-from ipa_ops.storage.lease import output_lease
+from ipa_ops.storage.lease import LeaseSpec, output_lease
 
-STAGE_ORDER = ("extract", "generate")
+STAGE_ORDER = ("extract", "generate", "score")
 
 
 @contextlib.contextmanager
@@ -70,10 +70,14 @@ def run_flow(flow: Flow, stages: list[str] | None = None) -> dict[str, Any]:
                         from ipa_ops.stages.extract import run_extract
 
                         results[name] = run_extract(flow, flow.stages.extract)
-                    else:
+                    elif name == "generate":
                         from ipa_ops.stages.generate import run_generate
 
                         results[name] = run_generate(flow, flow.stages.generate)
+                    else:
+                        from ipa_ops.stages.score import run_score
+
+                        results[name] = run_score(flow, flow.stages.score)
             except Exception as exc:
                 full = find_disk_full(exc)  # ENOSPC in an actor reaches here wrapped in Ray's errors
                 if full is None:
@@ -99,9 +103,14 @@ def _stop_if_asked(stopper: Stopper | None, results: dict[str, Any]) -> None:
 
 
 def _lease(flow: Flow, stages: list[str]) -> contextlib.AbstractContextManager[Any]:
-    """One writer per output: the generate stage's output is leased for the whole run (lease.py)."""
+    """One writer per output: the output the run writes (generate's, else score's) is leased for the whole run."""
     stage = flow.stages.generate
-    if "generate" not in stages or stage is None:
+    output = stage.output if stage is not None and "generate" in stages else None
+    score = flow.stages.score
+    if output is None and score is not None and "score" in stages:
+        output = score.output or (stage.output if stage is not None else None)
+    if output is None:
         return contextlib.nullcontext()
+    spec = stage.lease if stage is not None else LeaseSpec()
     named = os.environ.get(RUN_ID_ENV, "").strip() or os.environ.get(JOB_ENV)  # else the ledger picks a random id
-    return output_lease(stage.output, stage.lease, f"flow {flow.name}", run=new_run_id() if named else "")
+    return output_lease(output, spec, f"flow {flow.name}", run=new_run_id() if named else "")

@@ -19,7 +19,21 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cached = os.environ.get("IPA_TEST_ZOO")
     root = Path(cached) if cached else tmp_path_factory.mktemp("zoo")
-    return Path(build_zoo(root, size="tiny"))
+    return Path(build_zoo(root, size="tiny"))  # without the scorer models: a cached zoo is read, never added to
+
+
+@pytest.fixture(scope="session")
+def scorer_zoo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny zoo plus the score stage's models: links to `zoo_dir`'s repositories next to the scorer
+    repositories built here (a few seconds), so the cached zoo stays as it is."""
+    from ipa_ops.zoo import SCORER_REPOS, build_zoo
+
+    root = tmp_path_factory.mktemp("scorer-zoo")
+    scorer_orgs = {r.path.split("/")[0] for r in SCORER_REPOS}
+    for entry in zoo_dir.iterdir():
+        if entry.name not in scorer_orgs and entry.name != ".zoo.lock" and not entry.name.startswith(".zoo-scorers-"):
+            (root / entry.name).symlink_to(entry)
+    return Path(build_zoo(root, size="tiny", scorers=True))
 
 
 @pytest.fixture(scope="session")

@@ -274,3 +274,16 @@ def test_face_embeddings_identify_drawings(face_app) -> None:
 def test_two_separate_faces(face_app) -> None:
     image = draw_faces((512, 256), [((128, 128), 70, 0), ((384, 128), 70, 1)])
     assert len(_faces(face_app, image)) == 2
+
+
+def test_scorer_models_join_a_finished_zoo_without_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo, "REPOS", tuple(r for r in zoo.REPOS if r.path.startswith("insightface")))
+    build_zoo(tmp_path)
+    detector = tmp_path / "insightface/models/buffalo_l/det_10g.onnx"
+    before = detector.stat().st_mtime_ns
+    assert not zoo.is_built(tmp_path, "tiny", "scorers-") and not (tmp_path / "openai").exists()
+    build_zoo(tmp_path, scorers=True)
+    assert zoo.is_built(tmp_path, "tiny") and zoo.is_built(tmp_path, "tiny", "scorers-")
+    assert detector.stat().st_mtime_ns == before  # the finished part was left alone
+    for repo in zoo.SCORER_REPOS:
+        assert any((tmp_path / repo.path).iterdir())

@@ -20,6 +20,6 @@ def _build(args: argparse.Namespace) -> int:
     from ipa_ops.zoo import build_zoo
 
     start = time.perf_counter()
-    root = build_zoo(args.dir, size=args.size, force=args.force)
+    root = build_zoo(args.dir, size=args.size, force=args.force, scorers=True)  # the score stage's models too
     print(f"zoo ({args.size}) ready at {root} in {time.perf_counter() - start:.1f}s; use it with IPA_MIRROR={root}")
     return 0

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.models import ModelSpec, ModuleSpec, Strict
+from ipa_ops.flow.score_spec import ScoreStage, score_problems
 from ipa_ops.storage.lease import LeaseSpec
 
 
@@ -191,6 +192,9 @@ class GenerateStage(Strict):
 class Stages(Strict):
     extract: ExtractStage | None = Field(None, description="Embedding extraction into the store.")
     generate: GenerateStage | None = Field(None, description="Manifest rows to images.")
+    score: ScoreStage | None = Field(
+        None, description="Quality scores of every image of an output (after generate, or alone on an output)."
+    )
 
 
 class RaySpec(Strict):
@@ -248,6 +252,9 @@ class Flow(Strict):
                     problems.append(_unknown_alias(f"stages.extract.encoders.{i}", enc, self.encoders))
         if self.stages.generate is not None and self.stages.generate.model not in self.models:
             problems.append(_unknown_alias("stages.generate.model", self.stages.generate.model, self.models))
+        if self.stages.score is not None:
+            kinds = {alias: enc.type for alias, enc in self.encoders.items()}
+            problems += score_problems(self.stages.score, kinds, self.stages.generate is not None)
         if problems:
             raise FlowReferenceError(problems)
         return self

@@ -5,6 +5,11 @@ keys, filled with seeded random weights (``sizes.py`` holds the tiny and full di
 ``build_zoo`` is cached and atomic: each repository is built in a hidden folder inside ``root``
 and moved into place, and the marker ``<root>/.zoo-<size>.json`` is written last, so an
 interrupted build is never mistaken for a finished one. A rebuild gives byte-identical files.
+
+The score stage's models (``SCORER_REPOS``: OpenAI CLIP ViT-L/14, the safety checker, the
+aesthetic head) are a second group with its own marker ``.zoo-scorers-<size>.json``: a zoo built
+before they existed gains them without a rebuild of the rest, and ``build_zoo`` without ``scorers=True``
+leaves such a zoo exactly as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .sizes import FULL, TINY, Size, ZooSizes, get_sizes
 __all__ = [
     "FULL",
     "REPOS",
+    "SCORER_REPOS",
     "TINY",
     "ZOO_VERSION",
     "build_zoo",
@@ -126,21 +132,42 @@ REPOS: tuple[Repo, ...] = (
 )
 
 
-def marker_path(root: str | Path, size: str) -> Path:
-    return Path(root) / f".zoo-{size}.json"
+def _scorer_repo(builder: str) -> Callable[[Path, ZooSizes], None]:
+    def build(path: Path, sizes: ZooSizes) -> None:
+        from . import scorers
+
+        getattr(scorers, builder)(path, sizes)
+
+    return build
 
 
-def _marker(size: str) -> dict[str, Any]:
-    return {"version": ZOO_VERSION, "size": size, "repos": [r.path for r in REPOS]}
+SCORER_REPOS: tuple[Repo, ...] = (
+    Repo("openai/clip-vit-large-patch14", _scorer_repo("build_clip_l")),
+    Repo("CompVis/stable-diffusion-safety-checker", _scorer_repo("build_safety_checker")),
+    Repo("christophschuhmann/improved-aesthetic-predictor", _scorer_repo("build_aesthetic")),
+)
+GROUPS = ("", "scorers-")  # marker prefixes: the generation repos, the score stage's
 
 
-def is_built(root: str | Path, size: str = "tiny") -> bool:
+def _repos(group: str) -> tuple[Repo, ...]:
+    return REPOS if group == "" else SCORER_REPOS  # looked up at call time (tests swap REPOS)
+
+
+def marker_path(root: str | Path, size: str, group: str = "") -> Path:
+    return Path(root) / f".zoo-{group}{size}.json"
+
+
+def _marker(size: str, group: str = "") -> dict[str, Any]:
+    return {"version": ZOO_VERSION, "size": size, "repos": [r.path for r in _repos(group)]}
+
+
+def is_built(root: str | Path, size: str = "tiny", group: str = "") -> bool:
     """Whether ``root`` holds a finished zoo of ``size`` at the current version and repo list."""
     try:
-        data = json.loads(marker_path(root, size).read_text(encoding="utf-8"))
+        data = json.loads(marker_path(root, size, group).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return data == _marker(size)  # a new repo entry or version invalidates old builds
+    return data == _marker(size, group)  # a new repo entry or version invalidates old builds
 
 
 @contextlib.contextmanager
@@ -154,9 +181,9 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _install(staging: Path, root: Path) -> None:
+def _install(staging: Path, root: Path, repos: tuple[Repo, ...]) -> None:
     """Move each built repo over its old copy; the marker is written only after all moves."""
-    for repo in REPOS:
+    for repo in repos:
         src, dst = staging / repo.path, root / repo.path
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():
@@ -164,36 +191,48 @@ def _install(staging: Path, root: Path) -> None:
         os.replace(src, dst)
 
 
-def build_zoo(root: str | Path, size: Size = "tiny", force: bool = False) -> Path:
-    """Fabricate the mirror at ``root`` (cached; ``force`` rebuilds) and return ``root``."""
+def build_zoo(root: str | Path, size: Size = "tiny", force: bool = False, scorers: bool = False) -> Path:
+    """Fabricate the mirror at ``root`` (cached; ``force`` rebuilds) and return ``root``.
+
+    ``scorers`` adds the score stage's models (``ipa zoo build`` does); without it a finished zoo
+    is left exactly as it is.
+    """
     sizes = get_sizes(size)
     root = Path(root).expanduser().absolute()
-    if not force and is_built(root, size):
+    groups = list(GROUPS) if scorers else [""]
+    if not force and all(is_built(root, size, g) for g in groups):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        if not force and is_built(root, size):  # another process finished meanwhile
-            return root
-        for stale in root.glob(".zoo-build-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = root / f".zoo-build-{size}-{os.getpid()}"
-        started = time.perf_counter()
-        try:
-            with _isolated(single_thread=size == "tiny"):
-                for repo in REPOS:
-                    t0 = time.perf_counter()
-                    repo.build(staging / repo.path, sizes)
-                    log.info("zoo %s: %s in %.1fs", size, repo.path, time.perf_counter() - t0)
-            for old in root.glob(".zoo-*.json"):  # repos are about to change size
-                old.unlink()
-            _install(staging, root)
-            tmp = root / f".zoo-{size}.json.tmp"
-            tmp.write_text(json.dumps(_marker(size), indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, marker_path(root, size))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("built %s zoo at %s in %.1fs", size, root, time.perf_counter() - started)
+        for group in groups:
+            if force or not is_built(root, size, group):  # another process may have finished meanwhile
+                _build_group(root, size, sizes, group)
     return root
+
+
+def _build_group(root: Path, size: Size, sizes: ZooSizes, group: str) -> None:
+    """Build one group of repos in a staging folder, move them in, then write the group's marker."""
+    repos = _repos(group)
+    for stale in root.glob(f".zoo-build-{group}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f".zoo-build-{group}{size}-{os.getpid()}"
+    started = time.perf_counter()
+    try:
+        with _isolated(single_thread=size == "tiny"):
+            for repo in repos:
+                t0 = time.perf_counter()
+                repo.build(staging / repo.path, sizes)
+                log.info("zoo %s: %s in %.1fs", size, repo.path, time.perf_counter() - t0)
+        for old in root.glob(f".zoo-{group}*.json"):  # repos are about to change size: the group's markers go
+            if group or not old.name.startswith(".zoo-scorers-"):
+                old.unlink()
+        _install(staging, root, repos)
+        tmp = root / f".zoo-{group}{size}.json.tmp"
+        tmp.write_text(json.dumps(_marker(size, group), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, marker_path(root, size, group))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("built %s zoo %sat %s in %.1fs", size, group.replace("-", " "), root, time.perf_counter() - started)
 
 
 @contextlib.contextmanager

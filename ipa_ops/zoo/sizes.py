@@ -114,6 +114,11 @@ class ZooSizes:
     motion_norm_groups: int = 32
     motion_max_seq_length: int = 32
     lcm_lora_rank: int = 64
+    # openai/clip-vit-large-patch14 vision tower (its text tower is sd15_text): the scorers' CLIP, the
+    # safety checker's encoder and the LAION aesthetic head's input (projection_dim wide)
+    vit_l: VisionSizes = VisionSizes(1024, 4096, 24, 16, projection_dim=768, hidden_act="quick_gelu")
+    nsfw_concepts: int = 17  # StableDiffusionSafetyChecker: concept and special-care embeddings
+    nsfw_special: int = 3
 
     @property
     def ip_tokens(self) -> dict[str, int]:
@@ -197,6 +202,7 @@ TINY = ZooSizes(
     motion_heads=2,
     motion_norm_groups=8,
     lcm_lora_rank=4,
+    vit_l=VisionSizes(32, 64, 2, 2, projection_dim=32, hidden_act="quick_gelu"),
 )
 
 # SMALL: the tiny zoo with a wider SD1.5 UNet and text encoder, so UNet compute dominates a CPU
