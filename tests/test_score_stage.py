@@ -131,3 +131,41 @@ def test_ipa_scores_summary_and_rows(scored: tuple[Path, dict], capsys: pytest.C
     table = scores_table(str(root / "out"))
     assert np.allclose(rows.sort_values("row_key")["clip_t"], table["clip_t"], atol=1e-5)
     assert json.dumps(sorted(rows["id"])) == json.dumps(sorted(table["id"]))
+
+
+def test_faceid_flow_scores_every_row(tmp_path: Path, zoo_dir: Path, ray_local: None) -> None:
+    manifest = tmp_path / "faceid.csv"
+    pd.read_csv(REPO / "manifests" / "faceid.csv").head(2).to_csv(manifest, index=False)  # FaceID and Plus v2
+    flow = zoo_flow("faceid", tmp_path, zoo_dir, manifest, f"stages.extract.images={REPO / 'data' / 'faces'}",
+                    steps=1)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        results = run_flow(flow)
+    assert results["generate"]["ok"] == 2 and results["score"]["scored"] == {"face_sim": 2}
+    table = scores_table(str(tmp_path / "out"))
+    assert len(table) == 2 and table["no_face"].notna().all() and table["face_count"].notna().all()
+
+
+def test_clip_i_reads_references_from_the_store(
+    scored: tuple[Path, dict], scorer_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ipa_ops.scores import ScoreContext, ScoreItem, build_scorers
+
+    root, _ = scored
+    monkeypatch.chdir(REPO)  # the results' reference paths are relative to the project
+    flow = _flow(root, scorer_zoo)
+    (scorer,) = [s for s in build_scorers(ScoreContext(flow, str(root / "store")), flow.stages.score.scorers)
+                 if s.name == "clip_i"]  # fmt: skip
+    scorer.ensure_loaded()
+    encoded: list[int] = []
+    encode = scorer.encoder.encode
+    monkeypatch.setattr(scorer.encoder, "encode", lambda images: encoded.append(len(images)) or encode(images))
+    rows = OutputDir(str(root / "out")).read_results()
+    latest_rows = rows[rows["id"].str.startswith("qs-")]
+    items = [ScoreItem(r.row_key, r.id, r.prompt, Image.open(r.outputs[0]).convert("RGB"), list(r.references))
+             for r in latest_rows.itertuples()]  # fmt: skip
+    got = scorer.score(items)
+    assert encoded == [len(items)]  # one batch of outputs; no reference was encoded again
+    table = scores_table(str(root / "out")).set_index("row_key")
+    for item, values in zip(items, got, strict=True):
+        assert values["clip_i_mean"] == pytest.approx(table.loc[item.row_key, "clip_i_mean"], abs=1e-6)

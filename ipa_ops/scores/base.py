@@ -36,6 +36,7 @@ class ScoreItem:
     image: Image.Image  # the PNG as written, decoded to RGB
     references: list[str] = field(default_factory=list)  # reference URIs (or store keys) of every adapter
     embedding_keys: list[str] = field(default_factory=list)  # store keys the row used
+    adapters: list[str] = field(default_factory=list)  # aliases of the adapters that made it
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 The recogniser is any insightface encoder of the flow, not necessarily the one that conditioned
 the image (ArcFace scoring its own conditioning would be circular). A row has reference faces when
-it used a face embedding (a store key of one of the flow's insightface encoders); each such
-reference is looked up in the store under the scorer's encoder, and detected and embedded here
-only when the store lacks it. The output face is picked by the encoder's own rule (`largest` ...).
+it used a face embedding (a store key of one of the flow's insightface encoders: FaceID) or a face
+adapter fed aligned crops (plus-face, full-face: then every reference of the row counts, and one
+without a face is left out); each reference is looked up in the store under the scorer's encoder,
+and detected and embedded here only when the store lacks it. The output face is picked by the
+encoder's own rule (`largest` ...).
 `face_sim` is the mean ArcFace cosine (normed embeddings) over the reference faces; null for rows
 without a face adapter or without a face in the output.
 """
@@ -34,6 +36,12 @@ class FaceScore(Scorer):
         self.face_ids = {
             encoder_id(alias, spec, mirror) for alias, spec in flow.encoders.items() if spec.type == "insightface"
         }
+        kinds = {alias: spec.type for alias, spec in flow.encoders.items()}
+        self.face_adapters = {
+            alias
+            for alias, spec in flow.adapters.items()
+            if spec.crops_faces() or kinds.get(spec.encoder or "") == "insightface"
+        }
         return {"encoder": self.encoder_id}
 
     def load(self) -> None:
@@ -46,6 +54,8 @@ class FaceScore(Scorer):
     def reference_shas(self, item: ScoreItem) -> list[str]:
         """Content hashes of the references whose face embeddings conditioned the row."""
         shas = [k.split("/", 1)[0] for k in item.embedding_keys if "/" in k and k.split("/", 1)[1] in self.face_ids]
+        if self.face_adapters & set(item.adapters):
+            shas += [s for s in (self.refs.sha(r) for r in item.references) if s is not None]
         return list(dict.fromkeys(shas))
 
     def reference_face(self, sha: str, item: ScoreItem) -> np.ndarray | None:

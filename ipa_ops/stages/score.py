@@ -33,7 +33,8 @@ from ipa_ops.scores.phash import find_duplicates
 from ipa_ops.stages import gpus_per_actor, stopping
 from ipa_ops.store.images import decode_image
 
-ROW_COLUMNS = ["id", "row_key", "status", "finished_at", "outputs", "prompt", "references", "embedding_keys"]
+ROW_COLUMNS = ["id", "row_key", "status", "finished_at", "outputs", "prompt", "references", "embedding_keys",
+               "adapter_fingerprints"]  # fmt: skip
 
 
 def _now() -> str:
@@ -80,6 +81,7 @@ class ScorerActor:
             image=decode_image(data, uri).image,
             references=json.loads(str(batch["references"][i])),
             embedding_keys=json.loads(str(batch["embedding_keys"][i])),
+            adapters=json.loads(str(batch["adapters"][i])),
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -125,6 +127,15 @@ class ScorerActor:
         return record(str(batch["row_key"][i]), str(batch["id"][i]), scorer, score_parts.ERROR, line)
 
 
+def _aliases(fingerprints: Any) -> list[str]:
+    """The adapter aliases of a results row (its `adapter_fingerprints` JSON: alias -> fingerprint)."""
+    try:
+        found = json.loads(fingerprints) if isinstance(fingerprints, str) and fingerprints else {}
+    except ValueError:
+        return []
+    return sorted(found) if isinstance(found, dict) else []
+
+
 def scorable_rows(out: OutputDir) -> pd.DataFrame:
     """Latest ok results rows whose files exist, earliest finished first (the order `dup_of` reads)."""
     results = out.read_results(columns=ROW_COLUMNS)
@@ -158,6 +169,7 @@ def run_score(flow: Flow, stage: ScoreStage, actor_cls: type = ScorerActor) -> d
                 "references": json.dumps([str(r) for r in (row.references if row.references is not None else [])]),
                 "embedding_keys": json.dumps([str(k) for k in (row.embedding_keys if row.embedding_keys is not None
                                                                 else [])]),
+                "adapters": json.dumps(_aliases(row.adapter_fingerprints)),
                 "scorers": json.dumps(todo),
             })  # fmt: skip
     counts = {s.name: 0 for s in scorers}
