@@ -176,8 +176,9 @@ def score_summary(table: pd.DataFrame, thresholds: Mapping[str, float] | None = 
     rows = []
     for metric in (c for c in table.columns if c not in ("row_key", "id", "phash")):
         values = table[metric]
-        if metric == "dup_of":
-            rows.append({"metric": metric, "count": int(values.notna().sum()), "duplicates": int(values.notna().sum())})
+        if metric == "dup_of":  # null means "no earlier near-duplicate": count the rows hashed
+            hashed = int(table["phash"].notna().sum()) if "phash" in table else len(table)
+            rows.append({"metric": metric, "count": hashed, "duplicates": int(values.notna().sum())})
             continue
         numbers = pd.to_numeric(values, errors="coerce").dropna()
         some = len(numbers) > 0
