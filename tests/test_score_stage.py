@@ -169,3 +169,23 @@ def test_clip_i_reads_references_from_the_store(
     table = scores_table(str(root / "out")).set_index("row_key")
     for item, values in zip(items, got, strict=True):
         assert values["clip_i_mean"] == pytest.approx(table.loc[item.row_key, "clip_i_mean"], abs=1e-6)
+
+
+def test_an_unreadable_image_fails_its_row_only_and_is_tried_again(
+    scored: tuple[Path, dict], scorer_zoo: Path
+) -> None:
+    root, _ = scored
+    out = OutputDir(str(root / "out"))
+    bad_key = "e" * 20
+    path = out.write_bytes_atomic(out.image_path(bad_key), b"\x89PNG but cut")
+    out.append_results([{"id": "cut-png", "row_key": bad_key, "status": "ok", "outputs": [path], "prompt": "x",
+                         "seed": 1, "finished_at": pd.Timestamp.now(tz="UTC")}])  # fmt: skip
+    flow = _flow(root, scorer_zoo)
+    first = run_score(flow, flow.stages.score)
+    assert first["errors"] == 1 and first["scored_rows"] == 1 and set(first["scored"].values()) == {0}
+    errors = read_records(out)
+    errors = errors[(errors["row_key"] == bad_key) & (errors["metric"] == "error")]
+    assert len(errors) == 5 and all(t.startswith("row cut-png: ") for t in errors["text"])
+    assert bad_key not in set(scores_table(out)["row_key"])  # an error is not a score
+    again = run_score(flow, flow.stages.score)
+    assert again["errors"] == 1  # not scored, so tried again
