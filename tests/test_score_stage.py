@@ -18,7 +18,7 @@ from zoo_flows import zoo_flow
 
 from ipa_ops.cli import main
 from ipa_ops.outputs.folder import OutputDir
-from ipa_ops.outputs.scores import read_records, scores_table
+from ipa_ops.outputs.scores import read_records, score_summary, scores_table
 from ipa_ops.runner import run_flow
 from ipa_ops.stages.score import run_score
 from ipa_ops.zoo.scorers import CLIP_L
@@ -80,9 +80,21 @@ def test_rerun_scores_nothing_and_an_added_scorer_runs_alone(scored: tuple[Path,
     assert table["no_face"].notna().all() and table["face_sim"].isna().all()  # no face adapter in these rows
 
 
-def test_a_planted_near_duplicate_is_found(scored: tuple[Path, dict], scorer_zoo: Path) -> None:
+def _plant_unreadable(out: OutputDir) -> str:
+    """A results row whose PNG is cut: it must fail alone, with one error record per scorer."""
+    key = "e" * 20
+    path = out.write_bytes_atomic(out.image_path(key), b"\x89PNG but cut")
+    out.append_results([{"id": "cut-png", "row_key": key, "status": "ok", "outputs": [path], "prompt": "x",
+                         "seed": 1, "finished_at": pd.Timestamp.now(tz="UTC")}])  # fmt: skip
+    return key
+
+
+def test_a_planted_near_duplicate_is_found_and_a_bad_image_fails_alone(
+    scored: tuple[Path, dict], scorer_zoo: Path
+) -> None:
     root, _ = scored
     out = OutputDir(str(root / "out"))
+    bad_key = _plant_unreadable(out)
     rows = out.read_results()
     original = rows.iloc[1]
     copy_key = "f" * 20
@@ -95,10 +107,15 @@ def test_a_planted_near_duplicate_is_found(scored: tuple[Path, dict], scorer_zoo
                          "prompt": original["prompt"], "seed": 1, "finished_at": now}])  # fmt: skip
     flow = _flow(root, scorer_zoo)
     found = run_score(flow, flow.stages.score)
-    assert found["scored_rows"] == 1 and found["dup_of"] == 1
+    assert found["scored_rows"] == 2 and found["dup_of"] == 1 and found["errors"] == 1
+    assert set(found["scored"].values()) == {1}  # the copy, by every scorer; the bad row by none
     table = scores_table(out).set_index("row_key")
     assert table.loc[copy_key, "dup_of"] == original["row_key"]
     assert table.drop(index=copy_key)["dup_of"].isna().all()
+    errors = read_records(out)
+    errors = errors[(errors["row_key"] == bad_key) & (errors["metric"] == "error")]
+    assert len(errors) == 5 and all(t.startswith("row cut-png: ") for t in errors["text"])
+    assert bad_key not in table.index  # an error is not a score
 
 
 def test_a_cut_scores_part_is_quarantined_and_its_rows_scored_again(scored: tuple[Path, dict], scorer_zoo: Path):
@@ -112,7 +129,8 @@ def test_a_cut_scores_part_is_quarantined_and_its_rows_scored_again(scored: tupl
     again = run_score(flow, flow.stages.score)
     assert list((folder / "_quarantine").glob("*.reason.json"))
     lost_pairs = lost.loc[lost["metric"] != "dup_of", ["row_key", "scorer"]].drop_duplicates()
-    assert again["scored_rows"] == lost_pairs["row_key"].nunique()
+    lost_keys = set(lost_pairs["row_key"]) | {"e" * 20}  # the unreadable row planted above is tried again
+    assert again["scored_rows"] == len(lost_keys) and again["errors"] == 1
     after = read_records(str(root / "out"))
     assert set(zip(after["row_key"], after["metric"], strict=True)) == set(
         zip(before["row_key"], before["metric"], strict=True))  # fmt: skip
@@ -123,8 +141,10 @@ def test_ipa_scores_summary_and_rows(scored: tuple[Path, dict], capsys: pytest.C
     assert main(["scores", str(root / "out"), "--below", "aesthetic=100"]) == 0
     text = capsys.readouterr().out
     assert "clip_i_min" in text and "aesthetic" in text and "below" in text
+    summary = score_summary(scores_table(str(root / "out")), {"aesthetic": 100}).set_index("metric")
+    assert summary.loc["aesthetic", "below"] == summary.loc["aesthetic", "count"] == 5  # all below 100
     line = next(ln for ln in text.splitlines() if ln.split()[:1] == ["aesthetic"])
-    assert line.split()[-1] == str(len(scores_table(str(root / "out"))))  # all below 100
+    assert line.split()[1] == "5" and " 5 " in line[line.index("100"):]
     assert main(["scores", str(root / "out"), "--rows"]) == 0
     rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(rows.columns[:2]) == ["row_key", "id"] and METRICS <= set(rows.columns)
@@ -135,15 +155,15 @@ def test_ipa_scores_summary_and_rows(scored: tuple[Path, dict], capsys: pytest.C
 
 def test_faceid_flow_scores_every_row(tmp_path: Path, zoo_dir: Path, ray_local: None) -> None:
     manifest = tmp_path / "faceid.csv"
-    pd.read_csv(REPO / "manifests" / "faceid.csv").head(2).to_csv(manifest, index=False)  # FaceID and Plus v2
+    pd.read_csv(REPO / "manifests" / "faceid.csv").head(1).to_csv(manifest, index=False)  # the FaceID row
     flow = zoo_flow("faceid", tmp_path, zoo_dir, manifest, f"stages.extract.images={REPO / 'data' / 'faces'}",
-                    steps=1)  # fmt: skip
+                    "stages.extract.encoders=[faces]", steps=1)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         results = run_flow(flow)
-    assert results["generate"]["ok"] == 2 and results["score"]["scored"] == {"face_sim": 2}
+    assert results["generate"]["ok"] == 1 and results["score"]["scored"] == {"face_sim": 1}
     table = scores_table(str(tmp_path / "out"))
-    assert len(table) == 2 and table["no_face"].notna().all() and table["face_count"].notna().all()
+    assert len(table) == 1 and table["no_face"].notna().all() and table["face_count"].notna().all()
 
 
 def test_clip_i_reads_references_from_the_store(
@@ -170,22 +190,3 @@ def test_clip_i_reads_references_from_the_store(
     for item, values in zip(items, got, strict=True):
         assert values["clip_i_mean"] == pytest.approx(table.loc[item.row_key, "clip_i_mean"], abs=1e-6)
 
-
-def test_an_unreadable_image_fails_its_row_only_and_is_tried_again(
-    scored: tuple[Path, dict], scorer_zoo: Path
-) -> None:
-    root, _ = scored
-    out = OutputDir(str(root / "out"))
-    bad_key = "e" * 20
-    path = out.write_bytes_atomic(out.image_path(bad_key), b"\x89PNG but cut")
-    out.append_results([{"id": "cut-png", "row_key": bad_key, "status": "ok", "outputs": [path], "prompt": "x",
-                         "seed": 1, "finished_at": pd.Timestamp.now(tz="UTC")}])  # fmt: skip
-    flow = _flow(root, scorer_zoo)
-    first = run_score(flow, flow.stages.score)
-    assert first["errors"] == 1 and first["scored_rows"] == 1 and set(first["scored"].values()) == {0}
-    errors = read_records(out)
-    errors = errors[(errors["row_key"] == bad_key) & (errors["metric"] == "error")]
-    assert len(errors) == 5 and all(t.startswith("row cut-png: ") for t in errors["text"])
-    assert bad_key not in set(scores_table(out)["row_key"])  # an error is not a score
-    again = run_score(flow, flow.stages.score)
-    assert again["errors"] == 1  # not scored, so tried again
