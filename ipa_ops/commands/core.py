@@ -62,7 +62,10 @@ def _validate(args: argparse.Namespace) -> int:
 
             problems = manifest_problems(flow, args.file)
         else:
-            problems = flow_problems(load_flow(args.file, args.set))
+            flow = load_flow(args.file, args.set)
+            from ipa_ops.scores import source_problems
+
+            problems = flow_problems(flow) + source_problems(flow)
     except FlowError as exc:
         problems = exc.problems if args.flow is None else [f"{exc.source}: {p}" for p in exc.problems]
     for line in problems:

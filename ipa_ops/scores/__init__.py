@@ -12,10 +12,12 @@ not loaded). Imports flow, store and outputs, like generate/; the stage above is
 
 from __future__ import annotations
 
+from ipa_ops.errors import UserError
 from ipa_ops.flow.score_spec import Scorers
+from ipa_ops.flow.spec import Flow
 from ipa_ops.scores.base import ScoreContext, ScoreItem, Scorer
 
-__all__ = ["SCORERS", "ScoreContext", "ScoreItem", "Scorer", "build_scorers"]
+__all__ = ["SCORERS", "ScoreContext", "ScoreItem", "Scorer", "build_scorers", "source_problems"]
 
 
 def _classes() -> dict[str, type[Scorer]]:
@@ -34,3 +36,17 @@ def build_scorers(ctx: ScoreContext, scorers: Scorers) -> list[Scorer]:
     """The flow's scorers, in the flow format's order, with their ids."""
     classes = _classes()
     return [classes[name](ctx, getattr(scorers, name)) for name in scorers.names()]
+
+
+def source_problems(flow: Flow) -> list[str]:
+    """One line per scorer whose model does not resolve (what `ipa validate` adds for a `score:` stage)."""
+    stage = flow.stages.score
+    if stage is None:
+        return []
+    classes, ctx, problems = _classes(), ScoreContext(flow), []
+    for name in stage.scorers.names():
+        try:
+            classes[name](ctx, getattr(stage.scorers, name))
+        except UserError as exc:
+            problems.append(f"stages.score.scorers.{name}: {exc}")
+    return problems
