@@ -203,3 +203,63 @@ def test_scorer_ids_follow_weights_and_settings(scorer_zoo: Path) -> None:
     again = {s.name: s.id for s in build_scorers(ScoreContext(other), other.stages.score.scorers)}
     assert ids["clip_t"] == again["clip_t"] and ids["phash"] != again["phash"]
     assert ids["clip_t"].startswith("clip_t@") and len(ids["clip_t"].split("@")[1]) == 16
+
+
+def test_score_stage_references_are_checked_with_their_yaml_paths(tmp_path: Path) -> None:
+    from ipa_ops.flow.spec import FlowError
+
+    with pytest.raises(FlowError) as err:
+        parse_flow({"name": "x", "encoders": {"vit-h": {"type": "clip", "source": "a/b"}},
+                    "stages": {"score": {"scorers": {"clip_i": {"encoder": "faces"}, "face_sim": {}}}}})  # fmt: skip
+    assert err.value.problems == [
+        "stages.score.output: required when the flow has no generate stage",
+        "stages.score.scorers.clip_i.encoder: unknown alias 'faces'; defined: vit-h",
+        "stages.score.scorers.face_sim.encoder: the flow defines no insightface encoder; add one under encoders: "
+        "and name it",
+    ]
+
+
+def test_validate_names_a_missing_scorer_model(zoo_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from ipa_ops.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    flow = tmp_path / "flow.yaml"
+    scorers = "{output: out, scorers: {phash: {}, nsfw: {}}}"
+    flow.write_text(f"name: x\nmirror: {zoo_dir}\nstages:\n  score: {scorers}\n")
+    assert main(["validate", str(flow)]) == 1  # the plain tiny zoo has no safety checker
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("stages.score.scorers.nsfw: nsfw safety checker: CompVis/stable-diffusion-safety-checker")
+
+
+def test_scores_table_takes_each_scorers_latest_id(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.outputs.scores import META_KEY, scores_table, write_score_part
+    from ipa_ops.storage.quarantine import NewerSchema
+
+    out = OutputDir(str(tmp_path / "out"))
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def rec(key: str, scorer: str, metric: str, value=None, text=None, minutes: int = 0) -> dict:
+        return {"row_key": key, "id": f"id-{key}", "scorer": scorer, "name": scorer.split("@")[0], "metric": metric,
+                "value": value, "text": text, "scored_at": t0 + timedelta(minutes=minutes)}  # fmt: skip
+
+    a, b = "a" * 20, "b" * 20
+    write_score_part(out, [rec(a, "clip_t@old", "clip_t", 0.1), rec(b, "clip_t@old", "clip_t", 0.2),
+                           rec(a, "phash@p", "phash", text="ff00"), rec(a, "phash@p", "dup_of")])  # fmt: skip
+    write_score_part(out, [rec("a" * 20, "clip_t@new", "clip_t", 0.3, minutes=5),
+                           rec("b" * 20, "clip_t@new", "error", text="row b: clip_t: broken", minutes=5)])  # fmt: skip
+    table = scores_table(out).set_index("row_key")
+    assert table.attrs["scorers"] == {"clip_t": "clip_t@new", "phash": "phash@p"}
+    assert table.loc["a" * 20, "clip_t"] == 0.3 and "b" * 20 not in table.index  # old numbers never mix in
+    assert table.loc["a" * 20, "phash"] == "ff00" and table.loc["a" * 20, "dup_of"] is None
+    newer = tmp_path / "out" / "scores" / "part-29990101T000000000000Z-newer.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"row_key": ["x"], "scorer": ["s"], "metric": ["m"]}).replace_schema_metadata(
+        {META_KEY: b"9"}), newer)  # fmt: skip
+    with pytest.raises(NewerSchema, match="scores schema 9"):
+        scores_table(out)
+    assert newer.exists()  # refused, never moved
