@@ -18,6 +18,7 @@ from zoo_flows import zoo_flow
 
 from ipa_ops.cli import main
 from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.outputs.ledger import read_ledger
 from ipa_ops.outputs.scores import read_records, score_summary, scores_table
 from ipa_ops.runner import run_flow
 from ipa_ops.stages.score import run_score
@@ -70,9 +71,11 @@ def test_rerun_scores_nothing_and_an_added_scorer_runs_alone(scored: tuple[Path,
     root, _ = scored
     flow = _flow(root, scorer_zoo)
     parts = sorted((root / "out" / "scores").glob("part-*.parquet"))
-    again = run_score(flow, flow.stages.score)
+    again = run_flow(flow, ["score"])["score"]
     assert again["scored_rows"] == 0 and again["dup_of"] == 0
     assert sorted((root / "out" / "scores").glob("part-*.parquet")) == parts
+    last = read_ledger(str(root / "out"))[-1]  # a score-only run is recorded in the output's ledger
+    assert last["stages"] == ["score"] and last["status"] == "ok" and last["counts"]["score"]["scored_rows"] == 0
     with_faces = _flow(root, scorer_zoo, *FACES)
     added = run_score(with_faces, with_faces.stages.score)
     assert added["scored"] == {"clip_t": 0, "clip_i": 0, "face_sim": 4, "phash": 0, "aesthetic": 0, "nsfw": 0}

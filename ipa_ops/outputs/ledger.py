@@ -132,7 +132,7 @@ class RunRecord:
 
     def start(self) -> None:
         try:
-            self.data["inputs"] = inputs_seen(self.data["manifest"])
+            self.data["inputs"] = inputs_seen(self.data["manifest"]) if self.data["manifest"] else []
         except (UserError, OSError) as exc:  # the run itself reports a missing manifest
             self.data["error"] = _one_line(exc)
         self._write()
@@ -168,15 +168,20 @@ class RunRecord:
 
 @contextlib.contextmanager
 def recording(flow: Flow, stages: list[str], results: dict[str, Any]) -> Iterator[RunRecord | None]:
-    """Record a run in the ledger of its generate output; `results` is read when the block ends.
+    """Record a run in the ledger of the output it writes; `results` is read when the block ends.
 
-    Runs without the generate stage have no output root and are not recorded.
+    That is the generate stage's output, or for a score-only run the score stage's (no manifest);
+    an extract-only run has no output root and is not recorded.
     """
-    stage = flow.stages.generate
-    if "generate" not in stages or stage is None:
+    stage, score = flow.stages.generate, flow.stages.score
+    if "generate" in stages and stage is not None:
+        output, manifest = stage.output, stage.manifest
+    elif "score" in stages and score is not None and (score.output or stage is not None):
+        output, manifest = score.output or (stage.output if stage is not None else ""), ""
+    else:
         yield None
         return
-    record = RunRecord(flow, stages, stage.output, stage.manifest)
+    record = RunRecord(flow, stages, output, manifest)
     record.start()
     try:
         yield record
