@@ -86,7 +86,7 @@ def test_clip_i_equals_vision_model_cosines(scorer_zoo: Path) -> None:
     refs = [[ref_uris[3]], [ref_uris[0], ref_uris[3]], [], [ref_uris[1], ref_uris[2], ref_uris[3]]]
     got = _scorer(scorer_zoo, "clip_i").score(_items(images, refs))
     folder = scorer_zoo / "h94/IP-Adapter/models/image_encoder"
-    model, processor = CLIPVisionModelWithProjection.from_pretrained(folder).eval(), CLIPImageProcessor()
+    model = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
     processor = CLIPImageProcessor(size=224, crop_size=224)  # what diffusers' load_ip_adapter builds
 
     def embed(ims: list[Image.Image]) -> torch.Tensor:
