@@ -55,6 +55,8 @@ def test_every_row_is_scored_on_its_png(scored: tuple[Path, dict], scorer_zoo: P
     numeric = sorted(METRICS - {"phash", "dup_of"})
     assert table[numeric].notna().all().all() and table["phash"].notna().all()
     assert table["dup_of"].isna().all()  # four different images
+    index = (root / "out" / "report.html").read_text()  # the score stage rebuilt the report's index
+    assert "clip_t: n=4" in index and (root / "out" / "report" / "worst-clip_t" / "page-00001.html").is_file()
     # clip_t recomputed from the PNG files as written, with CLIPModel's own forward
     results_rows = OutputDir(str(root / "out")).read_results().set_index("row_key")
     model, processor = CLIPModel.from_pretrained(scorer_zoo / CLIP_L).eval(), CLIPProcessor.from_pretrained(

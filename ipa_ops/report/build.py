@@ -19,6 +19,7 @@ from ipa_ops.manifest.reading import normalize_adapters, plain
 from ipa_ops.outputs.folder import OutputDir, latest
 from ipa_ops.outputs.ledger import read_ledger
 from ipa_ops.outputs.results_writer import group_parts, read_group
+from ipa_ops.outputs.scores import scores_table
 from ipa_ops.report.html import document, esc, histogram, table
 from ipa_ops.report.pages import PAGE_ROWS, page_name, read_marker, write_marker, write_pages
 
@@ -27,7 +28,7 @@ PAGE_COLUMNS = [*INDEX_COLUMNS, "outputs", "seed", "prompt", "references", "mask
 MAX_ERRORS = 500  # failed rows listed on the index; the rest are on their run's pages
 MAX_RUNS = 50  # latest ledger records on the index
 WORST_ROWS = 2 * PAGE_ROWS  # rows on each "worst first" list of a score
-HIGH_IS_BAD = ("nsfw",)  # scores sorted highest first (the others lowest first)
+HIGH_IS_BAD = ("nsfw", "no_face")  # scores sorted highest first (the others lowest first)
 _FILL = ("prompt", "references", "masks", "scale")
 
 
@@ -40,9 +41,12 @@ def build_report(
     """(Re)write `<output>/report.html` and the pages of `groups` (default: those that changed).
 
     `manifest_df` fills prompts and references older results lack (then every group is rebuilt);
-    `scores` (row_key plus one numeric column per score) adds columns, histograms and worst-first lists.
+    `scores` (row_key plus one numeric column per score; default: the output's own, `scores_table`)
+    adds columns, histograms and worst-first lists.
     """
     out = OutputDir(output_uri)
+    if scores is None:
+        scores = scores_table(out)
     parts = group_parts(out)
     known = _manifest_fields(manifest_df) if manifest_df is not None else {}
     if groups is None:
@@ -122,7 +126,8 @@ def _score_columns(scores: pd.DataFrame | None) -> list[str]:
 def _with_scores(rows: list[dict[str, Any]], scores: pd.DataFrame | None) -> list[dict[str, Any]]:
     if scores is None or scores.empty:
         return rows
-    by_key = scores.drop_duplicates("row_key", keep="last").set_index("row_key").to_dict("index")
+    extra = scores.drop(columns=[c for c in ("id",) if c in scores.columns])
+    by_key = extra.drop_duplicates("row_key", keep="last").set_index("row_key").to_dict("index")
     for row in rows:
         row.update(by_key.get(row.get("row_key"), {}))
     return rows
@@ -133,7 +138,8 @@ def _worst_lists(
 ) -> dict[str, str]:
     """For each score, a page list of the worst rows first; returns score -> link from the index."""
     latest_rows = latest(out.read_results(columns=PAGE_COLUMNS), "row_key")
-    merged = latest_rows.merge(scores.drop_duplicates("row_key", keep="last"), on="row_key", how="inner")
+    extra = scores.drop(columns=[c for c in ("id",) if c in scores.columns]).drop_duplicates("row_key", keep="last")
+    merged = latest_rows.merge(extra, on="row_key", how="inner")
     links = {}
     for column in columns:
         ranked = merged.dropna(subset=[column]).sort_values(column, ascending=not column.startswith(HIGH_IS_BAD))

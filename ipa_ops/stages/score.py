@@ -27,7 +27,7 @@ from ipa_ops.flow.spec import Flow
 from ipa_ops.outputs import scores as score_parts
 from ipa_ops.outputs.done_index import latest_ok
 from ipa_ops.outputs.folder import OutputDir
-from ipa_ops.outputs.report import build_report
+from ipa_ops.report.build import build_report
 from ipa_ops.scores import ScoreContext, ScoreItem, Scorer, build_scorers
 from ipa_ops.scores.phash import find_duplicates
 from ipa_ops.stages import gpus_per_actor, stopping
@@ -179,7 +179,7 @@ def run_score(flow: Flow, stage: ScoreStage, actor_cls: type = ScorerActor) -> d
     dups = _dup_of(out, rows, [s for s in scorers if s.name == "phash"])
     elapsed = time.perf_counter() - start
     if items or dups:
-        build_report(output)  # the report shows the new scores (timed apart: it is not scoring)
+        build_report(output, groups=[])  # index histograms, worst-first lists (timed apart: not scoring)
     report_seconds = time.perf_counter() - start - elapsed
     scored = len(items)
     return {
