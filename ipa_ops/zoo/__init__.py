@@ -35,6 +35,7 @@ __all__ = [
     "SCORER_REPOS",
     "TINY",
     "ZOO_VERSION",
+    "build_family_zoo",
     "build_zoo",
     "draw_face",
     "draw_faces",
@@ -139,6 +140,74 @@ def _scorer_repo(builder: str) -> Callable[[Path, ZooSizes], None]:
         getattr(scorers, builder)(path, sizes)
 
     return build
+
+
+def _flux(path: Path, sizes: ZooSizes) -> None:
+    from .flux import build_flux
+
+    build_flux(path, sizes)
+
+
+def _flux_schnell(path: Path, sizes: ZooSizes) -> None:
+    from .flux import build_flux
+
+    build_flux(path, sizes, schnell=True)
+
+
+def _xlabs(path: Path, sizes: ZooSizes) -> None:
+    from .flux import build_xlabs
+
+    build_xlabs(path, sizes)
+
+
+def _clip_l(path: Path, sizes: ZooSizes) -> None:
+    from .flux import build_clip_l
+
+    build_clip_l(path, sizes)
+
+
+# The transformer families' repositories: built on demand by `build_family_zoo`, each on its own,
+# so adding one never invalidates (or rebuilds) a finished UNet zoo.
+FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
+    "flux": (
+        Repo("black-forest-labs/FLUX.1-dev", _flux),
+        Repo("black-forest-labs/FLUX.1-schnell", _flux_schnell),
+        Repo("XLabs-AI/flux-ip-adapter", _xlabs),
+        Repo("openai/clip-vit-large-patch14", _clip_l),
+    ),
+}
+
+
+def build_family_zoo(root: str | Path, families: tuple[str, ...] = tuple(FAMILY_REPOS), size: Size = "tiny") -> Path:
+    """Add the missing repositories of `families` to `root` (idempotent; each built aside, then moved in).
+
+    A repository counts as built when its marker `<root>/<repo>/.zoo-<size>-v<version>` exists.
+    """
+    sizes = get_sizes(size)
+    root = Path(root).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    repos = [r for name in families for r in FAMILY_REPOS[name]]
+    done = f".zoo-{size}-v{ZOO_VERSION}"
+    if all((root / r.path / done).exists() for r in repos):
+        return root
+    with _locked(root), _isolated(single_thread=size != "full"):
+        for repo in repos:
+            dst = root / repo.path
+            if (dst / done).exists():
+                continue
+            staging = root / f".zoo-build-{size}-{os.getpid()}" / repo.path
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                repo.build(staging, sizes)
+                (staging / done).write_text("", encoding="utf-8")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists():
+                    shutil.rmtree(dst)
+                os.replace(staging, dst)
+            finally:
+                shutil.rmtree(root / f".zoo-build-{size}-{os.getpid()}", ignore_errors=True)
+    return root
+
 
 
 SCORER_REPOS: tuple[Repo, ...] = (
