@@ -23,6 +23,9 @@ import numpy as np
 
 CURVES = ("linear", "ease_in", "ease_out", "ease_in_out")
 _KEYS = {"value", "layers", "preset", "start", "end", "curve", "from", "to", "steps"}
+# UNet blocks as diffusers' set_ip_adapter_scale dict names them; `blocks`: one value (or list) per
+# transformer block of the transformer families (Flux's double blocks)
+_LAYER_KEYS = {"down", "mid", "up", "blocks"}
 
 # Named layer presets (InstantStyle). Every model family maps each name onto its own blocks
 # (`generate/families/<family>.py`); the format only fixes the names.
@@ -82,7 +85,7 @@ def parse_schedule(obj: Any) -> ScheduleSpec:
         return ScheduleSpec(source=None)
     if not isinstance(obj, dict):
         return ScheduleSpec(value=_number("scale", obj), source=raw)
-    if obj and set(obj) <= {"down", "mid", "up"}:  # diffusers' dict given bare
+    if obj and set(obj) <= _LAYER_KEYS:  # diffusers' dict given bare
         obj = {"layers": obj}
     unknown = set(obj) - _KEYS
     if unknown:
@@ -91,8 +94,8 @@ def parse_schedule(obj: Any) -> ScheduleSpec:
     if "value" in obj:
         spec["value"] = _number("value", obj["value"])
     if "layers" in obj:
-        if not isinstance(obj["layers"], dict) or not set(obj["layers"]) <= {"down", "mid", "up"}:
-            raise ValueError("layers must be diffusers' dict with keys down / mid / up")
+        if not isinstance(obj["layers"], dict) or not set(obj["layers"]) <= _LAYER_KEYS:
+            raise ValueError("layers must be diffusers' dict with keys down / mid / up (UNets) or blocks (Flux)")
         _check_layers(obj["layers"])
         spec["layers"] = obj["layers"]
     if "preset" in obj:

@@ -27,6 +27,7 @@ class AdapterFacts:
     face_dim: int  # 512 for FaceID checkpoints, else 0
     tokens: int
     lora: bool = False  # FaceID: the checkpoint carries the LoRA it was trained with (`to_q_lora` ... keys)
+    family: str = ""  # the model family whose layout it is in ("flux", "sd3"); "" for h94's UNet layout
 
     @property
     def needs_face(self) -> bool:

@@ -23,9 +23,9 @@ from ipa_ops.flow.schedules import ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
 from ipa_ops.flow.spec import AdapterSpec, Flow
 from ipa_ops.generate import attention, faceid, loras, memory, tasks
-from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
 from ipa_ops.generate.contract import RowOutput, RowRequest
-from ipa_ops.generate.families import adapter_facts, family_of
+from ipa_ops.generate.families import family_of
 from ipa_ops.generate.families.base import ModelFamily, effective, layer_profile
 from ipa_ops.generate.loaded import LoadedModel
 
@@ -85,18 +85,13 @@ class Generator:
         aliases, facts, files = [], [], []
         for a_alias, a_spec in self.flow.adapters.items():
             file = self._adapter_file(a_alias, a_spec)
-            found = adapter_facts(file)
-            if found.cross_attention_dim == cross:
+            found = family.adapter_facts(checkpoint_shapes(Path(file)))  # None: another family's layout
+            if found is not None and found.cross_attention_dim == cross:
                 aliases.append(a_alias)
                 facts.append(found)
                 files.append(file)
         if files:
-            pipe.load_ip_adapter(
-                [str(f.parent) for f in files],
-                subfolder=[""] * len(files),
-                weight_name=[f.name for f in files],
-                image_encoder_folder=None,
-            )
+            family.load_adapters(pipe, files)
         loras.load(pipe, self.flow, text_encoder=text_encoder_loras)  # after the IP-Adapters, as the guide does
         memory.place(pipe, spec, self.device)  # after the adapters and LoRAs, as the guide says
         names = family.install_attention(pipe) if files else []
@@ -128,8 +123,10 @@ class Generator:
             if problem:  # fails alone, before it can fail a batch
                 outputs[i] = RowOutput(row.id, error=problem, worker=self.worker)
                 continue
-            faces = self.models[row.model].faces if row.model in self.models else None
-            by_group.setdefault((row.group_key(), faceid.lora_key(faces, row)), []).append(i)
+            loaded = self.models.get(row.model)
+            faces = loaded.faces if loaded is not None else None
+            key = loaded.family.group_key(row) if loaded is not None else row.group_key()
+            by_group.setdefault((key, faceid.lora_key(faces, row)), []).append(i)
         for indices in by_group.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
@@ -186,6 +183,7 @@ class Generator:
             generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
             output_type="np",
             **tasks.call_kwargs(rows),
+            **family.call_kwargs(pipe, rows),
         )
         state = None
         if loaded.adapters:

@@ -1,4 +1,4 @@
-"""Model families (SD1.5, SDXL): one module each behind the `ModelFamily` protocol, registered here.
+"""Model families (SD1.5, SDXL, Flux): one module each behind the `ModelFamily` protocol, registered here.
 
 Owns what differs between base models; imports the batched attention and the flow format, and
 nothing of the generator. To add a family: write `<name>.py` with a `FAMILY` that implements
@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
-from ipa_ops.generate.families import sd15, sdxl
+from ipa_ops.generate.families import flux, sd15, sdxl
 from ipa_ops.generate.families.base import ModelFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (sdxl.FAMILY, sd15.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY)
 
 
 class UnknownFamily(ValueError):
@@ -39,4 +39,7 @@ def adapter_facts(path: str | Path) -> AdapterFacts:
         facts = family.adapter_facts(shapes)
         if facts is not None:
             return facts
-    raise ValueError(f"{path}: not an IP-Adapter checkpoint (no image_proj / ip_adapter.*.to_k_ip weights)")
+    raise ValueError(
+        f"{path}: not an IP-Adapter checkpoint (no image_proj / ip_adapter.*.to_k_ip weights, nor "
+        f"XLabs' ip_adapter_proj_model / double_blocks.*.ip_adapter_double_stream_k_proj)"
+    )

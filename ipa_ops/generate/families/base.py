@@ -44,6 +44,10 @@ class ModelFamily(Protocol):
         """The base text-to-image pipeline, progress bar off."""
         ...
 
+    def load_adapters(self, pipe: Any, files: Sequence[Path]) -> None:
+        """Load IP-Adapter checkpoint files into `pipe` as diffusers documents for the family (no image encoder)."""
+        ...
+
     def cross_attention_dim(self, pipe: Any) -> int:
         """What an adapter's cross-attention dim must equal to be loaded into `pipe`."""
         ...
@@ -69,6 +73,14 @@ class ModelFamily(Protocol):
 
     def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
         """Whether the pipeline runs classifier-free guidance (an unconditional half) at this scale."""
+        ...
+
+    def group_key(self, row: Any) -> tuple:
+        """What must be equal for rows (`RowRequest`) to share one call on this family."""
+        ...
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        """Per-row call inputs the family takes beyond prompts and IP embeddings (undone by `end_call`)."""
         ...
 
     def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:

@@ -98,6 +98,14 @@ class UNetFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def load_adapters(self, pipe: Any, files: Sequence[Path]) -> None:
+        pipe.load_ip_adapter(
+            [str(f.parent) for f in files],
+            subfolder=[""] * len(files),
+            weight_name=[f.name for f in files],
+            image_encoder_folder=None,
+        )
+
     def cross_attention_dim(self, pipe: Any) -> int:
         return pipe.unet.config.cross_attention_dim
 
@@ -121,6 +129,12 @@ class UNetFamily:
     def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
         # guidance-distilled UNets (LCM: time_cond_proj_dim) take the scale as an input, not as CFG
         return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+    def group_key(self, row: Any) -> tuple:
+        return row.group_key()
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        return {}
 
     def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
         # no negative prompt means diffusers' default (None): SDXL then uses zero embeddings rather

@@ -1,0 +1,169 @@
+"""Flux (FLUX.1-dev / schnell) with XLabs' IP-Adapter: a transformer family behind `ModelFamily`.
+
+The XLabs checkpoint (`ip_adapter_proj_model.*` + `double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*`)
+turns CLIP ViT-L/14's pooled `image_embeds` into 4 tokens and adds an IP attention to each of
+the 19 double-stream blocks (the IP layers, in block order). diffusers loads it with
+`FluxPipeline.load_ip_adapter`; here the stock processors become `flux_attention`'s batched ones.
+
+What differs from the UNet families:
+- `guidance_scale` is distilled guidance, an input of the transformer, so it is per row: rows
+  with different values share a call (`group_key` leaves it out; the transformer's pre-hook
+  feeds each row its own value). There is no unconditional pass: negative prompts would need
+  true CFG (`true_cfg_scale`), which ipa does not run on Flux yet, so a row with one fails.
+- per-block scales are one value per double block, `{"blocks": [19 values]}` (what
+  `set_ip_adapter_scale` takes as a list) or `{"blocks": 0.5}`; the InstantStyle presets name
+  UNet blocks and do not apply.
+- the pipeline is given each row's embeddings through `ip_adapter_image_embeds` and its own
+  `prepare_ip_adapter_image_embeds` is bypassed (it would repeat them once per prompt).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipa_ops.generate import flux_attention
+from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.checkpoints import AdapterFacts
+
+_K = "double_blocks.{}.processor.ip_adapter_double_stream_k_proj.weight"
+
+
+class _NoPresets(dict):
+    """Flux has no InstantStyle blocks: a preset is refused by name, with what to write instead."""
+
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(
+            f"preset {key!r} names UNet blocks; Flux has 19 double blocks: give per-block scales as "
+            f'{{"layers": {{"blocks": [19 values]}}}}'
+        )
+
+
+def transformer_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "transformer" / "config.json").read_text())
+
+
+def xlabs_adapter_facts(shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None:
+    """Read XLabs' layout the way diffusers' Flux loader does (4 tokens; 16 when proj has 65536 rows)."""
+    proj = shapes.get("ip_adapter_proj_model.proj.weight")
+    layers = sum(1 for k in shapes if k.startswith("double_blocks.") and k.endswith("_k_proj.weight"))
+    if proj is None or not layers or _K.format(0) not in shapes:
+        return None
+    tokens = 16 if proj[0] == 65536 else 4
+    joint = shapes[_K.format(0)][1]
+    return AdapterFacts("pooled", joint, layers, proj[1], 0, tokens, family="flux")
+
+
+class FluxFamily:
+    """FluxPipeline with XLabs IP-Adapters (see module doc)."""
+
+    name = "flux"
+    presets: Mapping[str, Mapping[str, Any]] = _NoPresets()
+
+    def claims(self, folder: Path) -> bool:
+        config = folder / "transformer" / "config.json"
+        return config.is_file() and transformer_config(folder).get("_class_name") == "FluxTransformer2DModel"
+
+    def ip_dims(self, folder: Path) -> tuple[int, int]:
+        cfg = transformer_config(folder)
+        return int(cfg["joint_attention_dim"]), int(cfg["num_layers"])
+
+    def adapter_facts(self, shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None:
+        return xlabs_adapter_facts(shapes)
+
+    def load(self, folder: Path, dtype: torch.dtype, variant: str | None) -> Any:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, variant=variant)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_adapters(self, pipe: Any, files: Sequence[Path]) -> None:
+        # no image encoder: ipa feeds stored embeddings; strict loading, so a wrong key fails here
+        pipe.load_ip_adapter(
+            [str(f.parent) for f in files],
+            weight_name=[f.name for f in files],
+            subfolder=[""] * len(files),
+            image_encoder_pretrained_model_name_or_path=None,
+            low_cpu_mem_usage=False,
+        )
+
+    def cross_attention_dim(self, pipe: Any) -> int:
+        return pipe.transformer.config.joint_attention_dim
+
+    def install_attention(self, pipe: Any) -> list[str]:
+        return flux_attention.install(pipe.transformer)
+
+    def bind_attention(self, pipe: Any, state: IPBatchState | None) -> None:
+        flux_attention.bind(pipe.transformer, state)
+
+    def compile(self, pipe: Any, how: str, mode: str, **options: Any) -> None:
+        options = {"fullgraph": True, "dynamic": False, "mode": None if mode == "default" else mode, **options}
+        if how == "whole":
+            pipe.transformer.forward = torch.compile(pipe.transformer.forward, **options)
+        else:
+            pipe.transformer.compile_repeated_blocks(**options)
+
+    def dtype(self, pipe: Any) -> torch.dtype:
+        return pipe.transformer.dtype
+
+    def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
+        return False  # distilled guidance is an input of the one pass
+
+    def group_key(self, row: Any) -> tuple:
+        """The row's group key without its guidance: each row gets its own value in the call."""
+        key = list(row.group_key())
+        key[6] = None  # RowRequest.group_key's guidance_scale
+        return tuple(key)
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        """Per-row distilled guidance for the transformer's pre-hook (ignored by schnell, which has none)."""
+        negatives = [r.id for r in rows if r.negative_prompt]
+        if negatives:
+            raise ValueError(
+                f"row {negatives[0]}: negative_prompt on Flux needs true CFG, which ipa does not run on Flux yet; "
+                f"leave negative_prompt empty"
+            )
+        guidance = torch.tensor([float(r.guidance_scale) for r in rows], dtype=torch.float32)
+        flux_attention.set_guidance(pipe.transformer, guidance)
+        return {}
+
+    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
+        return {"prompt": prompts}
+
+    def ip_call(
+        self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool
+    ) -> dict[str, Any]:
+        # [rows, n, D] per adapter, through unchanged; negatives given so no black image is encoded
+        pipe.prepare_ip_adapter_image_embeds = _given_embeds
+        return {"ip_adapter_image_embeds": positives, "negative_ip_adapter_image_embeds": negatives}
+
+    def end_call(self, pipe: Any) -> None:
+        pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
+        flux_attention.set_guidance(pipe.transformer, None)
+
+    def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
+        """`{"blocks": v}` or `{"blocks": [one value per double block]}`, as set_ip_adapter_scale reads a list."""
+        if set(blocks) != {"blocks"}:
+            raise ValueError(
+                f"layers: Flux has no {'/'.join(sorted(set(blocks) - {'blocks'}))} blocks; give "
+                f'{{"blocks": [{len(layer_names)} values]}} (one per double block) or {{"blocks": value}}'
+            )
+        values = blocks["blocks"]
+        if not isinstance(values, list):
+            return [float(values)] * len(layer_names)
+        if len(values) != len(layer_names):
+            raise ValueError(f"layers.blocks: Flux has {len(layer_names)} double blocks, got {len(values)} values")
+        return [float(v) for v in values]
+
+
+def _given_embeds(ip_adapter_image: Any, ip_adapter_image_embeds: list[torch.Tensor], device: Any, *_: Any) -> list:
+    """Stands in for `prepare_ip_adapter_image_embeds`: the per-row embeddings as given, on the device."""
+    return [e.to(device) for e in ip_adapter_image_embeds]
+
+
+FAMILY = FluxFamily()
