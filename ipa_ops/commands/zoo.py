@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ipa_ops.zoo import build_zoo
+    from ipa_ops.zoo import build_family_zoo, build_zoo
 
     start = time.perf_counter()
     root = build_zoo(args.dir, size=args.size, force=args.force, scorers=True)  # the score stage's models too
+    build_family_zoo(root, size=args.size)  # Flux: added when missing, the UNet zoo untouched
     print(f"zoo ({args.size}) ready at {root} in {time.perf_counter() - start:.1f}s; use it with IPA_MIRROR={root}")
     return 0

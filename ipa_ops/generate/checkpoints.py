@@ -52,3 +52,10 @@ def encoder_dims(folder: Path) -> tuple[int, int]:
     cfg = json.loads((folder / "config.json").read_text())
     vision = cfg.get("vision_config", cfg)
     return int(cfg.get("projection_dim", vision.get("projection_dim", 0))), int(vision["hidden_size"])
+
+
+def encoder_kind(folder: Path) -> str:
+    """`clip`, or the vision family another image encoder folder is of (`siglip`), from its config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    model_type = str(cfg.get("model_type", "clip"))
+    return "siglip" if model_type.startswith("siglip") else "clip" if model_type.startswith("clip") else model_type

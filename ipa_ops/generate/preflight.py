@@ -14,7 +14,7 @@ from ipa_ops.flow.face_encoders import crop_clip_alias, face_encoder_alias
 from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.sources import SourceNotFound, resolve
 from ipa_ops.flow.spec import AdapterSpec, EncoderSpec, Flow
-from ipa_ops.generate.checkpoints import AdapterFacts, encoder_dims
+from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes, encoder_dims, encoder_kind
 from ipa_ops.generate.families import adapter_facts, family_of
 from ipa_ops.generate.loras import resolve_lora
 
@@ -24,9 +24,35 @@ def ip_dims(model_folder: Path) -> tuple[int, int]:
     return family_of(Path(model_folder)).ip_dims(Path(model_folder))
 
 
+# what each family's models are called and which IP-Adapters fit them, for mismatch lines
+FAMILY_WORDS = {"sd15": "an SD1.5", "sdxl": "an SDXL", "flux": "a Flux"}
+FITS = {
+    "sd15": "an h94/IP-Adapter adapter from models/ (e.g. ip-adapter_sd15.bin)",
+    "sdxl": "an h94/IP-Adapter adapter from sdxl_models/ (e.g. ip-adapter_sdxl.bin)",
+    "flux": "XLabs-AI/flux-ip-adapter (ip_adapter.safetensors)",
+}
+ADAPTER_WORDS = {"": "an SD1.5/SDXL IP-Adapter (h94 layout)", "flux": "a Flux IP-Adapter (XLabs layout)"}
+RUNS_ON = {"": "an SD1.5 or SDXL model", "flux": "a Flux model (black-forest-labs/FLUX.1-dev)"}
+ENCODER_FITS = {"flux": "CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)"}
+
+
+def _family_problem(path: str, weight_name: str, facts: AdapterFacts, file: Path, m_alias: str, folder: Path) -> str:
+    """One line when an adapter is in another family's layout than the model (a Flux adapter on SDXL ...)."""
+    family = family_of(folder)
+    if family.adapter_facts(checkpoint_shapes(file)) is not None:
+        return ""
+    return (
+        f"{path}: {weight_name} is {ADAPTER_WORDS.get(facts.family, facts.family)}, but model {m_alias!r} is "
+        f"{FAMILY_WORDS.get(family.name, family.name)} pipeline; use {FITS.get(family.name, 'an adapter made for it')} "
+        f"with it, or run this adapter on {RUNS_ON.get(facts.family, 'its own family')}"
+    )
+
+
 def _encoder_hint(facts: AdapterFacts, weight_name: str) -> str:
     """Which h94 encoder folder a checkpoint was trained with, from its name (vit-G/SDXL: bigG; vit-h/SD1.5: ViT-H)."""
     name = weight_name.rsplit(".", 1)[0]
+    if facts.family in ENCODER_FITS:
+        return f"{name} needs {ENCODER_FITS[facts.family]}"
     low = name.lower()
     big_g = "vit-g" in low or ("sdxl" in low and "vit-h" not in low and not facts.needs_face)
     if big_g:
@@ -65,7 +91,10 @@ def check_adapter(
         except (SourceNotFound, OSError, KeyError, ValueError) as exc:
             return facts, [f"models.{m_alias}: {exc}"]
         fits_other = any(model_fits(facts, flow, other) for other in others)
-        if (cross != facts.cross_attention_dim or layers != facts.ip_layers) and not fits_other:
+        family_problem = "" if fits_other else _family_problem(path, spec.weight_name, facts, file, m_alias, folder)
+        if family_problem:
+            problems.append(family_problem)
+        elif (cross != facts.cross_attention_dim or layers != facts.ip_layers) and not fits_other:
             base = "SDXL" if facts.cross_attention_dim > cross else "SD1.5"
             problems.append(
                 f"{path}: {spec.weight_name} is built for cross-attention dim {facts.cross_attention_dim} with "
@@ -139,8 +168,14 @@ def _clip_problems(path: str, weight_name: str, alias: str, facts: AdapterFacts,
     try:
         folder = resolve(enc.source or "", enc.subfolder, None, flow.mirror_root(), what=f"encoder {alias!r}")
         projection, hidden = encoder_dims(folder.folder)
+        kind = encoder_kind(folder.folder)
     except (SourceNotFound, OSError, KeyError) as exc:
         return [f"encoders.{alias}: {exc}"]
+    if kind != "clip":
+        return [
+            f"{path}: {weight_name} takes CLIP image features, but encoder {alias!r} is {kind} "
+            f"({enc.source}); {_encoder_hint(facts, weight_name)}"
+        ]
     got = hidden if facts.needs_hidden_states else projection
     what = "hidden size" if facts.needs_hidden_states else "projection dim"
     problems = []

@@ -78,7 +78,7 @@ class FluxFamily:
     def load(self, folder: Path, dtype: torch.dtype, variant: str | None) -> Any:
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, variant=variant)
+        pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, variant=variant)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

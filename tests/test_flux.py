@@ -1,0 +1,261 @@
+"""Flux rows equal the diffusers IP-Adapter guide's Flux call; a mixed batch equals its rows alone.
+
+The guide loads XLabs' adapter with `FluxPipeline.load_ip_adapter(..., image_encoder_pretrained_model_name_or_path=
+"openai/clip-vit-large-patch14")`, sets `set_ip_adapter_scale` and passes `ip_adapter_image`; our rows read
+the same images' CLIP-L embeddings from a store filled by the real extract stage. The Flux repositories are
+built into this module's own zoo (the shared UNet zoo is linked in for the cross-family checks).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from diffusers import FluxPipeline
+from PIL import Image
+from zoo_flows import REPO, zoo_flow
+
+from ipa_ops.cli import main
+from ipa_ops.flow.spec import parse_flow
+from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
+from ipa_ops.generate.plan import prepare
+from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.stages.extract import run_extract
+from ipa_ops.stages.generate import run_generate
+from ipa_ops.store.dataset import EmbeddingStore
+from ipa_ops.zoo import build_family_zoo
+from ipa_ops.zoo.common import save_safetensors
+from ipa_ops.zoo.flux import CLIP_L_REPO, FLUX_REPO, FLUX_TINY, XLABS_REPO, XLABS_WEIGHT, xlabs_state_dict
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
+
+TOL = 1e-4
+BATCH_TOL = 2e-3
+SECOND = "ip_adapter_second.safetensors"  # a second XLabs-layout adapter, other weights
+REFS = [str(REPO / "data" / "refs" / f"ref-{i}.png") for i in range(4)]
+LATE = [0.0] * 9 + [1.0] * 10  # the last ten double blocks
+
+
+@pytest.fixture(scope="module")
+def flux_zoo(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path) -> Path:
+    root = build_family_zoo(tmp_path_factory.mktemp("flux-zoo"), ("flux",))
+    save_safetensors(root / XLABS_REPO / SECOND, xlabs_state_dict(FLUX_TINY, torch.float32, seed_name="second"))
+    for org in ("stabilityai", "h94"):  # the UNet zoo's SDXL and h94 adapters, for the mismatch checks
+        (root / org).symlink_to(zoo_dir / org)
+    return root
+
+
+def _flow_dict(zoo: Path, root: Path, manifest: Path | str) -> dict[str, Any]:
+    data = yaml.safe_load((REPO / "flows" / "flux.yaml").read_text())
+    data["mirror"] = str(zoo)
+    data["adapters"]["second"] = {"source": XLABS_REPO, "weight_name": SECOND, "encoder": "clip-l"}
+    data["stages"]["extract"].update(images=REFS, store=str(root / "store"), resources={"batch_size": 8})
+    data["stages"]["generate"].update(
+        manifest=str(manifest), store=str(root / "store"), output=str(root / "out"),
+        defaults={"width": 32, "height": 32, "steps": 2, "guidance_scale": 3.5}, resources={"batch_size": 8},
+    )  # fmt: skip
+    return data
+
+
+def _entry(adapter: str, images: list[str], scale: Any) -> dict[str, Any]:
+    return {"adapter": adapter, "images": images, "scale": scale}
+
+
+ROWS: list[dict[str, Any]] = [
+    {"id": "guide", "seed": 0, "adapters": [_entry("xlabs", REFS[:1], 0.7)]},
+    {"id": "two", "seed": 1, "adapters": [_entry("xlabs", REFS[:1], {"layers": {"blocks": LATE}}),
+                                          _entry("second", REFS[1:2], 0.3)]},  # fmt: skip
+    {"id": "other-ref", "seed": 0, "adapters": [_entry("xlabs", REFS[1:2], 0.7)]},
+    {"id": "half", "seed": 2, "adapters": [_entry("xlabs", REFS[2:3], 0.4)], "guidance_scale": 2.0},
+    {"id": "window", "seed": 3, "adapters": [_entry("xlabs", REFS[3:4], {"value": 0.9, "end": 0.5})],
+     "guidance_scale": 5.0},  # fmt: skip
+    {"id": "curve", "seed": 4, "adapters": [_entry("second", REFS[:2], {"value": 1.2, "curve": "linear"})]},
+    {"id": "none", "seed": 5, "adapters": [], "guidance_scale": 1.0},
+    {"id": "both-refs", "seed": 6, "adapters": [_entry("xlabs", REFS[2:4], 0.6)], "guidance_scale": 4.0},
+]
+
+
+@pytest.fixture(scope="module")
+def ws(flux_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("flux-ws")
+    manifest = root / "rows.csv"
+    frame = pd.DataFrame([{"prompt": "a photo of a cat", "guidance_scale": 3.5, **r} for r in ROWS])
+    frame["adapters"] = frame["adapters"].map(json.dumps)
+    frame.to_csv(manifest, index=False)
+    flow = parse_flow(_flow_dict(flux_zoo, root, manifest))
+    assert flow.stages.extract is not None and flow.stages.generate is not None
+    run_extract(flow, flow.stages.extract)
+    plans, errors = plan_manifest(flow, flow.stages.generate)
+    assert errors == []
+    store = EmbeddingStore(str(root / "store"))
+    rows = {p.id: prepare(p, store) for p in plans}
+    return {"flow": flow, "rows": rows, "root": root, "generator": Generator(flow, device="cpu", batch_size=8)}
+
+
+def _guide_pipe(zoo: Path, weights: list[str], scale: Any) -> FluxPipeline:
+    """The guide's Flux set-up: XLabs' adapter(s) with CLIP ViT-L/14 as the image encoder (fp32 on CPU)."""
+    pipe = FluxPipeline.from_pretrained(zoo / FLUX_REPO, dtype=torch.float32)
+    pipe.load_ip_adapter(
+        str(zoo / XLABS_REPO),
+        weight_name=weights,
+        image_encoder_pretrained_model_name_or_path=str(zoo / CLIP_L_REPO),
+        image_encoder_dtype=torch.float32,
+    )
+    pipe.set_ip_adapter_scale(scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _guide_call(pipe: FluxPipeline, row: RowRequest, images: list[Any]) -> np.ndarray:
+    return pipe(
+        row.prompt,
+        ip_adapter_image=images,
+        num_inference_steps=row.steps,
+        guidance_scale=row.guidance_scale,
+        width=row.width,
+        height=row.height,
+        generator=torch.Generator("cpu").manual_seed(row.seed),
+        output_type="np",
+    ).images[0]
+
+
+def _ours(generator: Generator, row: RowRequest) -> np.ndarray:
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    return out.image
+
+
+def _image(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def test_flux_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
+    row = ws["rows"]["guide"]
+    expected = _guide_call(_guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.7), row, [_image(REFS[0])])
+    ours = _ours(ws["generator"], row)
+    assert np.abs(ours - expected).max() < TOL
+    without = _guide_call(_guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.0), row, [_image(REFS[0])])
+    assert np.abs(ours - without).max() > 1e-2  # the adapter does something at this scale
+
+
+def test_two_adapters_with_per_block_scales_match_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
+    """Two XLabs adapters, the first only on the last ten double blocks (set_ip_adapter_scale's list form)."""
+    row = ws["rows"]["two"]
+    pipe = _guide_pipe(flux_zoo, [XLABS_WEIGHT, SECOND], [LATE, 0.3])
+    expected = _guide_call(pipe, row, [_image(REFS[0]), _image(REFS[1])])
+    assert np.abs(_ours(ws["generator"], row) - expected).max() < TOL
+
+
+def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: dict[str, Any]) -> None:
+    """Eight rows: other references, scales, per-block and per-step schedules, two adapters, a row with no
+    adapter and five distilled-guidance values, in one call; each equals the row run alone."""
+    generator: Generator = ws["generator"]
+    rows = [ws["rows"][r["id"]] for r in ROWS]
+    transformer = generator.load("flux").pipe.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    assert [o.error for o in outs] == [""] * len(rows)
+    assert len(calls) == rows[0].steps  # one transformer call per step for all eight rows
+    alone = {row.id: _ours(generator, row) for row in rows}
+    for row, out in zip(rows, outs, strict=True):
+        assert np.abs(out.image - alone[row.id]).max() < BATCH_TOL, row.id
+    by_id = {o.id: o.image for o in outs}
+    assert np.abs(by_id["guide"] - by_id["other-ref"]).max() > 1e-2  # each row attends to its own reference
+
+
+def test_negative_prompt_row_fails_alone_with_one_line(ws: dict[str, Any]) -> None:
+    bad = RowRequest(**{**ws["rows"]["guide"].__dict__, "id": "neg", "negative_prompt": "blurry"})
+    outs = ws["generator"].generate([bad, ws["rows"]["none"]])
+    assert outs[0].error == (
+        "ValueError: row neg: negative_prompt on Flux needs true CFG, which ipa does not run on Flux yet; "
+        "leave negative_prompt empty"
+    )
+    assert outs[1].error == ""
+
+
+def _validate(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["validate", str(path)])
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
+    assert (code == 0) == (lines == ["ok"]), lines
+    return lines
+
+
+def _siglip(zoo: Path) -> str:
+    """A SigLIP vision-language folder (SD3.5's encoder family), to pair wrongly with the CLIP-L adapter."""
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = zoo / "google" / "siglip-so400m-patch14-384"
+    if not folder.exists():
+        text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+        vision = {**text, "image_size": 28, "patch_size": 14}
+        SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(str(folder))
+    return "google/siglip-so400m-patch14-384"
+
+
+def test_validate_refuses_family_and_encoder_mismatches(
+    ws: dict[str, Any], flux_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _flow_dict(flux_zoo, ws["root"], ws["root"] / "rows.csv")
+    del base["adapters"]["second"]
+    assert _validate(tmp_path, base, capsys) == ["ok"]
+    on_sdxl = json.loads(json.dumps(base))
+    on_sdxl["models"]["flux"] = {"source": "stabilityai/stable-diffusion-xl-base-1.0"}
+    assert _validate(tmp_path, on_sdxl, capsys) == [
+        "adapters.xlabs: ip_adapter.safetensors is a Flux IP-Adapter (XLabs layout), but model 'flux' is an SDXL "
+        "pipeline; use an h94/IP-Adapter adapter from sdxl_models/ (e.g. ip-adapter_sdxl.bin) with it, or run this "
+        "adapter on a Flux model (black-forest-labs/FLUX.1-dev)"
+    ]
+    h94_on_flux = json.loads(json.dumps(base))
+    bigg = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "sdxl_models/image_encoder"}
+    h94_on_flux["encoders"]["bigg"] = bigg
+    h94_on_flux["stages"]["extract"]["encoders"] = ["clip-l", "bigg"]
+    h94_on_flux["adapters"]["xlabs"] = {
+        "source": "h94/IP-Adapter", "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.bin", "encoder": "bigg"
+    }  # fmt: skip
+    assert _validate(tmp_path, h94_on_flux, capsys) == [
+        "adapters.xlabs: ip-adapter_sdxl.bin is an SD1.5/SDXL IP-Adapter (h94 layout), but model 'flux' is a Flux "
+        "pipeline; use XLabs-AI/flux-ip-adapter (ip_adapter.safetensors) with it, or run this adapter on an SD1.5 "
+        "or SDXL model"
+    ]
+    siglip = json.loads(json.dumps(base))
+    siglip["encoders"]["clip-l"]["source"] = _siglip(flux_zoo)
+    assert _validate(tmp_path, siglip, capsys) == [
+        "adapters.xlabs: ip_adapter.safetensors takes CLIP image features, but encoder 'clip-l' is siglip "
+        "(google/siglip-so400m-patch14-384); ip_adapter needs CLIP ViT-L/14's pooled image_embeds "
+        "(openai/clip-vit-large-patch14)"
+    ]
+    vit_h = json.loads(json.dumps(base))
+    vit_h["encoders"]["clip-l"] = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}
+    assert _validate(tmp_path, vit_h, capsys) == [
+        "adapters.xlabs: ip_adapter.safetensors expects image features of dim 28, but encoder 'clip-l' has "
+        "projection dim 24; ip_adapter needs CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)"
+    ]
+
+
+def test_example_flow_validates_and_runs_on_the_zoo(
+    flux_zoo: Path, ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IPA_MIRROR", str(flux_zoo))
+    assert main(["validate", str(REPO / "flows" / "flux.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    flow = zoo_flow("flux", tmp_path, flux_zoo, REPO / "manifests" / "flux.csv")
+    assert flow.stages.extract is not None and flow.stages.generate is not None
+    run_extract(flow, flow.stages.extract)
+    run_generate(flow, flow.stages.generate)
+    results = OutputDir(str(tmp_path / "out")).read_results()
+    manifest = pd.read_csv(REPO / "manifests" / "flux.csv")
+    assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]
