@@ -21,6 +21,7 @@ def _build(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     root = build_zoo(args.dir, size=args.size, force=args.force, scorers=True)  # the score stage's models too
-    build_family_zoo(root, size=args.size)  # Flux: added when missing, the UNet zoo untouched
+    if args.size != "full":  # full-size Flux is tens of GB of random weights: configs only (zoo/flux.py)
+        build_family_zoo(root, size=args.size)  # Flux: added when missing, the UNet zoo untouched
     print(f"zoo ({args.size}) ready at {root} in {time.perf_counter() - start:.1f}s; use it with IPA_MIRROR={root}")
     return 0
