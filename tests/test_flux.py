@@ -46,7 +46,7 @@ LATE = [0.0] * 9 + [1.0] * 10  # the last ten double blocks
 
 @pytest.fixture(scope="module")
 def flux_zoo(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path) -> Path:
-    root = build_family_zoo(tmp_path_factory.mktemp("flux-zoo"), ("flux",))
+    root = build_family_zoo(tmp_path_factory.mktemp("flux-zoo"), ("flux", "sd3"))
     save_safetensors(root / XLABS_REPO / SECOND, xlabs_state_dict(FLUX_TINY, torch.float32, seed_name="second"))
     for org in ("stabilityai", "h94"):  # the UNet zoo's SDXL and h94 adapters, for the mismatch checks
         (root / org).symlink_to(zoo_dir / org)
@@ -83,14 +83,29 @@ ROWS: list[dict[str, Any]] = [
 ]
 
 
+# true CFG: a negative prompt, the black negative image diffusers uses by default, per-row scales
+TRUE_CFG: list[dict[str, Any]] = [
+    {"id": "cfg", "seed": 7, "adapters": [_entry("xlabs", REFS[:1], 0.7)], "negative_prompt": "blurry",
+     "true_cfg_scale": 4.0},
+    {"id": "cfg-other", "seed": 8, "adapters": [_entry("xlabs", REFS[1:2], 0.5)], "negative_prompt": "dark",
+     "true_cfg_scale": 2.0, "guidance_scale": 5.0},
+    {"id": "cfg-none", "seed": 9, "adapters": [], "negative_prompt": "a cat", "true_cfg_scale": 3.0},
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ws(flux_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("flux-ws")
+    Image.new("RGB", (32, 32)).save(root / "black.png")  # what FluxPipeline encodes as the negative image by default
     manifest = root / "rows.csv"
-    frame = pd.DataFrame([{"prompt": "a photo of a cat", "guidance_scale": 3.5, **r} for r in ROWS])
+    rows = ROWS + [{**r, "adapters": [{**a, "negative_images": [str(root / "black.png")]} for a in r["adapters"]]}
+                   for r in TRUE_CFG]  # fmt: skip
+    frame = pd.DataFrame([{"prompt": "a photo of a cat", "guidance_scale": 3.5, **r} for r in rows])
     frame["adapters"] = frame["adapters"].map(json.dumps)
     frame.to_csv(manifest, index=False)
-    flow = parse_flow(_flow_dict(flux_zoo, root, manifest))
+    data = _flow_dict(flux_zoo, root, manifest)
+    data["stages"]["extract"]["images"] = [*REFS, str(root / "black.png")]
+    flow = parse_flow(data)
     assert flow.stages.extract is not None and flow.stages.generate is not None
     run_extract(flow, flow.stages.extract)
     plans, errors = plan_manifest(flow, flow.stages.generate)
@@ -114,7 +129,7 @@ def _guide_pipe(zoo: Path, weights: list[str], scale: Any) -> FluxPipeline:
     return pipe
 
 
-def _guide_call(pipe: FluxPipeline, row: RowRequest, images: list[Any]) -> np.ndarray:
+def _guide_call(pipe: FluxPipeline, row: RowRequest, images: list[Any], **kwargs: Any) -> np.ndarray:
     return pipe(
         row.prompt,
         ip_adapter_image=images,
@@ -124,6 +139,7 @@ def _guide_call(pipe: FluxPipeline, row: RowRequest, images: list[Any]) -> np.nd
         height=row.height,
         generator=torch.Generator("cpu").manual_seed(row.seed),
         output_type="np",
+        **kwargs,
     ).images[0]
 
 
@@ -175,12 +191,43 @@ def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: 
     assert np.abs(by_id["guide"] - by_id["other-ref"]).max() > 1e-2  # each row attends to its own reference
 
 
-def test_negative_prompt_row_fails_alone_with_one_line(ws: dict[str, Any]) -> None:
+def test_true_cfg_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
+    """`pipe(prompt, negative_prompt=..., true_cfg_scale=4, ip_adapter_image=img)`: its negative image is black."""
+    row = ws["rows"]["cfg"]
+    pipe = _guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.7)
+    black = Image.new("RGB", (32, 32))
+    expected = _guide_call(pipe, row, [_image(REFS[0])], negative_prompt="blurry", true_cfg_scale=4.0,
+                           negative_ip_adapter_image=[black])  # fmt: skip
+    default_negative = _guide_call(pipe, row, [_image(REFS[0])], negative_prompt="blurry", true_cfg_scale=4.0)
+    assert np.abs(expected - default_negative).max() < TOL  # the guide's default negative image is that black one
+    plain = _guide_call(pipe, row, [_image(REFS[0])])
+    ours = _ours(ws["generator"], row)
+    assert np.abs(ours - expected).max() < TOL
+    assert np.abs(ours - plain).max() > 1e-2  # the second pass does something
+
+
+def test_true_cfg_rows_with_their_own_scales_share_a_call(ws: dict[str, Any]) -> None:
+    generator: Generator = ws["generator"]
+    rows = [ws["rows"][r["id"]] for r in TRUE_CFG]
+    transformer = generator.load("flux").pipe.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    assert [o.error for o in outs] == [""] * len(rows)
+    assert len(calls) == 2 * rows[0].steps  # a positive and a negative pass per step, for all three rows
+    for row, out in zip(rows, outs, strict=True):
+        assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
+
+
+def test_negative_prompt_without_true_cfg_fails_alone_with_one_line(ws: dict[str, Any]) -> None:
     bad = RowRequest(**{**ws["rows"]["guide"].__dict__, "id": "neg", "negative_prompt": "blurry"})
     outs = ws["generator"].generate([bad, ws["rows"]["none"]])
     assert outs[0].error == (
-        "ValueError: row neg: negative_prompt on Flux needs true CFG, which ipa does not run on Flux yet; "
-        "leave negative_prompt empty"
+        "ValueError: row neg: on Flux a negative_prompt is used only with true CFG: set both negative_prompt and "
+        "true_cfg_scale (> 1), or neither"
     )
     assert outs[1].error == ""
 
@@ -192,18 +239,6 @@ def _validate(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixtur
     lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
     assert (code == 0) == (lines == ["ok"]), lines
     return lines
-
-
-def _siglip(zoo: Path) -> str:
-    """A SigLIP vision-language folder (SD3.5's encoder family), to pair wrongly with the CLIP-L adapter."""
-    from transformers import SiglipConfig, SiglipModel
-
-    folder = zoo / "google" / "siglip-so400m-patch14-384"
-    if not folder.exists():
-        text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-        vision = {**text, "image_size": 28, "patch_size": 14}
-        SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(str(folder))
-    return "google/siglip-so400m-patch14-384"
 
 
 def test_validate_refuses_family_and_encoder_mismatches(
@@ -232,11 +267,20 @@ def test_validate_refuses_family_and_encoder_mismatches(
         "or SDXL model"
     ]
     siglip = json.loads(json.dumps(base))
-    siglip["encoders"]["clip-l"]["source"] = _siglip(flux_zoo)
+    siglip["encoders"]["clip-l"]["source"] = "google/siglip-so400m-patch14-384"
     assert _validate(tmp_path, siglip, capsys) == [
         "adapters.xlabs: ip_adapter.safetensors takes CLIP image features, but encoder 'clip-l' is siglip "
         "(google/siglip-so400m-patch14-384); ip_adapter needs CLIP ViT-L/14's pooled image_embeds "
         "(openai/clip-vit-large-patch14)"
+    ]
+    sd3_on_flux = json.loads(json.dumps(siglip))
+    sd3_on_flux["encoders"]["clip-l"]["hidden_states"] = True
+    instantx = {"source": "InstantX/SD3.5-Large-IP-Adapter", "weight_name": "ip-adapter.safetensors"}
+    sd3_on_flux["adapters"]["xlabs"].update(instantx)
+    assert _validate(tmp_path, sd3_on_flux, capsys) == [
+        "adapters.xlabs: ip-adapter.safetensors is an SD3.5 IP-Adapter (InstantX layout), but model 'flux' is a Flux "
+        "pipeline; use XLabs-AI/flux-ip-adapter (ip_adapter.safetensors) with it, or run this adapter on an SD3.5 "
+        "model, which ipa does not run yet"
     ]
     vit_h = json.loads(json.dumps(base))
     vit_h["encoders"]["clip-l"] = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}

@@ -148,6 +148,9 @@ class GenerateDefaults(Strict):
     height: int = Field(512, ge=8, multiple_of=8, description="Output height in pixels.")
     steps: int = Field(30, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    true_cfg_scale: float | None = Field(
+        None, gt=1, description="Flux: true CFG scale for rows with a negative prompt; empty: off."
+    )
     strength: float = Field(0.8, gt=0, le=1, description="img2img / inpaint strength.")
     controlnet_scale: float = Field(
         1.0, ge=0, description="ControlNet rows: diffusers' `controlnet_conditioning_scale`."

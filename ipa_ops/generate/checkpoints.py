@@ -20,7 +20,7 @@ from safetensors import safe_open
 class AdapterFacts:
     """What an IP-Adapter checkpoint expects, read from its tensor shapes."""
 
-    kind: str  # "pooled", "plus", "full_face", "faceid", "faceid_plus"
+    kind: str  # "pooled", "plus", "full_face", "faceid", "faceid_plus", "sd3" (InstantX: timestep-dependent tokens)
     cross_attention_dim: int
     ip_layers: int
     image_dim: int  # pooled projection dim or hidden size it consumes (0 for faceid)
@@ -35,7 +35,7 @@ class AdapterFacts:
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.kind in ("plus", "full_face", "faceid_plus")
+        return self.kind in ("plus", "full_face", "faceid_plus", "sd3")
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -45,6 +45,7 @@ class RowRequest:
     height: int = 512
     steps: int = 30
     guidance_scale: float = 7.5
+    true_cfg_scale: float | None = None  # Flux: true CFG (a second pass with the negative prompt); None: off
     strength: float = 0.8
     scheduler: str | None = None
     init_image: Any = None  # PIL image (img2img, inpaint)

@@ -12,7 +12,8 @@ and reused (`cache_kv`).
 
 The transformer's forward pre-hook (`install`) settles the state before the first step and
 swaps the pipeline's one distilled-guidance value for a per-row tensor, so rows with different
-`guidance_scale` share a call.
+`guidance_scale` share a call. With true CFG each step runs the transformer twice, on the positive
+and on the negative image embeddings; the K/V cache keeps the two passes apart.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FluxBatchedIPProcessor(torch.nn.Module):
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
         self.state: IPBatchState | None = None
+        self.pass_key = 0  # which pass of a step (true CFG: positive or negative embeddings), for the K/V cache
 
     def __call__(
         self,
@@ -82,13 +84,14 @@ class FluxBatchedIPProcessor(torch.nn.Module):
         """IP keys and values [B, n*T, heads, head_dim]; projected once per call when caching."""
         state = self.state
         assert state is not None
-        cached = state._kv.get((adapter, id(self))) if state.cache_kv else None
+        key = (adapter, id(self), self.pass_key)
+        cached = state._kv.get(key) if state.cache_kv else None
         if cached is not None:
             return cached
         flat = tokens.flatten(1, 2)  # [B, n, T, D] -> [B, n*T, D]
         kv = tuple(proj[adapter](flat).unflatten(-1, (-1, head_dim)) for proj in (self.to_k_ip, self.to_v_ip))
         if state.cache_kv:
-            state._kv[(adapter, id(self))] = kv  # type: ignore[assignment]
+            state._kv[key] = kv  # type: ignore[index]
         return kv  # type: ignore[return-value]
 
     def _ip_attention(self, attn: Any, ip_query: torch.Tensor, ip_hidden_states: list[torch.Tensor]) -> torch.Tensor:
@@ -138,10 +141,14 @@ def _hook(transformer: Any) -> None:
 
 
 def _before_forward(transformer: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Settle the bound call's IP state, and give each row its own distilled guidance."""
+    """Settle the bound call's IP state, tell the processors which pass this is, give each row its guidance."""
     state = getattr(transformer, "_ipa_state", None)
     if state is not None:
         state.prepare()
+        # the pipeline hands the same embeddings list to every step of a pass (true CFG: a second list)
+        embeds = (kwargs.get("joint_attention_kwargs") or {}).get("ip_adapter_image_embeds")
+        for proc in getattr(transformer, "_ipa_processors", ()):
+            proc.pass_key = id(embeds)
     guidance = getattr(transformer, "_ipa_guidance", None)
     if guidance is not None and kwargs.get("guidance") is not None:
         given = kwargs["guidance"]

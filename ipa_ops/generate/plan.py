@@ -123,6 +123,8 @@ def plan_row(
         strength=float(row.strength),
         scheduler=getattr(row, "scheduler", None) or flow.models[row.model or stage.model].scheduler,
     )
+    if row.true_cfg_scale is not None:  # only then in the request (and the row key): other rows' keys stay
+        request["true_cfg_scale"] = float(row.true_cfg_scale)
     request.update(tasks.request_fields(row, flow, request["model"]))  # controlnet_scale, num_frames: their tasks
     adapters: list[AdapterPlan] = []
     adapter_records: list[dict[str, Any]] = []

@@ -31,9 +31,20 @@ FITS = {
     "sdxl": "an h94/IP-Adapter adapter from sdxl_models/ (e.g. ip-adapter_sdxl.bin)",
     "flux": "XLabs-AI/flux-ip-adapter (ip_adapter.safetensors)",
 }
-ADAPTER_WORDS = {"": "an SD1.5/SDXL IP-Adapter (h94 layout)", "flux": "a Flux IP-Adapter (XLabs layout)"}
-RUNS_ON = {"": "an SD1.5 or SDXL model", "flux": "a Flux model (black-forest-labs/FLUX.1-dev)"}
-ENCODER_FITS = {"flux": "CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)"}
+ADAPTER_WORDS = {
+    "": "an SD1.5/SDXL IP-Adapter (h94 layout)",
+    "flux": "a Flux IP-Adapter (XLabs layout)",
+    "sd3": "an SD3.5 IP-Adapter (InstantX layout)",
+}
+RUNS_ON = {
+    "": "an SD1.5 or SDXL model",
+    "flux": "a Flux model (black-forest-labs/FLUX.1-dev)",
+    "sd3": "an SD3.5 model, which ipa does not run yet",
+}
+ENCODER_FITS = {
+    "flux": "CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)",
+    "sd3": "SigLIP's penultimate hidden states (google/siglip-so400m-patch14-384)",
+}
 
 
 def _family_problem(path: str, weight_name: str, facts: AdapterFacts, file: Path, m_alias: str, folder: Path) -> str:
@@ -171,10 +182,11 @@ def _clip_problems(path: str, weight_name: str, alias: str, facts: AdapterFacts,
         kind = encoder_kind(folder.folder)
     except (SourceNotFound, OSError, KeyError) as exc:
         return [f"encoders.{alias}: {exc}"]
-    if kind != "clip":
+    wanted = "siglip" if facts.family == "sd3" else "clip"
+    if kind != wanted:
         return [
-            f"{path}: {weight_name} takes CLIP image features, but encoder {alias!r} is {kind} "
-            f"({enc.source}); {_encoder_hint(facts, weight_name)}"
+            f"{path}: {weight_name} takes {'SigLIP' if wanted == 'siglip' else 'CLIP'} image features, but encoder "
+            f"{alias!r} is {kind} ({enc.source}); {_encoder_hint(facts, weight_name)}"
         ]
     got = hidden if facts.needs_hidden_states else projection
     what = "hidden size" if facts.needs_hidden_states else "projection dim"

@@ -87,6 +87,7 @@ class ManifestRow(_Strict):
     height: int = Field(gt=0, multiple_of=8, description=COLUMN_DOCS["height"])
     steps: int = Field(ge=1, description=COLUMN_DOCS["steps"])
     guidance_scale: float = Field(ge=0, allow_inf_nan=False, description=COLUMN_DOCS["guidance_scale"])
+    true_cfg_scale: float | None = Field(None, gt=1, allow_inf_nan=False, description=COLUMN_DOCS["true_cfg_scale"])
     init_image: str | None = Field(None, description=COLUMN_DOCS["init_image"])
     mask_image: str | None = Field(None, description=COLUMN_DOCS["mask_image"])
     control_image: str | None = Field(None, description=COLUMN_DOCS["control_image"])

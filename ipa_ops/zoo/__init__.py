@@ -166,6 +166,18 @@ def _clip_l(path: Path, sizes: ZooSizes) -> None:
     build_clip_l(path, sizes)
 
 
+def _instantx(path: Path, sizes: ZooSizes) -> None:
+    from .sd3 import build_instantx
+
+    build_instantx(path, sizes)
+
+
+def _siglip(path: Path, sizes: ZooSizes) -> None:
+    from .sd3 import build_siglip
+
+    build_siglip(path, sizes)
+
+
 # The transformer families' repositories: built on demand by `build_family_zoo`, each on its own,
 # so adding one never invalidates (or rebuilds) a finished UNet zoo.
 FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
@@ -175,6 +187,8 @@ FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
         Repo("XLabs-AI/flux-ip-adapter", _xlabs),
         Repo("openai/clip-vit-large-patch14", _clip_l),
     ),
+    # SD3.5: the IP-Adapter and its encoder only (the pipeline folder is not in the zoo yet)
+    "sd3": (Repo("InstantX/SD3.5-Large-IP-Adapter", _instantx), Repo("google/siglip-so400m-patch14-384", _siglip)),
 }
 
 

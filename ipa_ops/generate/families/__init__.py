@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
-from ipa_ops.generate.families import flux, sd15, sdxl
+from ipa_ops.generate.families import flux, sd3_layout, sd15, sdxl
 from ipa_ops.generate.families.base import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY)
@@ -35,6 +35,9 @@ def family_of(folder: Path) -> ModelFamily:
 def adapter_facts(path: str | Path) -> AdapterFacts:
     """An IP-Adapter checkpoint's facts, from the first family whose checkpoint layout it is in."""
     shapes = checkpoint_shapes(Path(path))
+    sd3 = sd3_layout.instantx_adapter_facts(shapes)  # before h94's reading, which takes it for a Plus adapter
+    if sd3 is not None:
+        return sd3
     for family in FAMILIES:
         facts = family.adapter_facts(shapes)
         if facts is not None:

@@ -8,8 +8,10 @@ the 19 double-stream blocks (the IP layers, in block order). diffusers loads it 
 What differs from the UNet families:
 - `guidance_scale` is distilled guidance, an input of the transformer, so it is per row: rows
   with different values share a call (`group_key` leaves it out; the transformer's pre-hook
-  feeds each row its own value). There is no unconditional pass: negative prompts would need
-  true CFG (`true_cfg_scale`), which ipa does not run on Flux yet, so a row with one fails.
+  feeds each row its own value). A negative prompt is used only with true CFG
+  (`true_cfg_scale` > 1: diffusers' second transformer pass per step, fed the negative prompt
+  and the negative image embeddings); rows with true CFG share a call whatever their scales
+  (`RowScales`), and never share one with rows without it.
 - per-block scales are one value per double block, `{"blocks": [19 values]}` (what
   `set_ip_adapter_scale` takes as a list) or `{"blocks": 0.5}`; the InstantStyle presets name
   UNet blocks and do not apply.
@@ -115,22 +117,25 @@ class FluxFamily:
         return False  # distilled guidance is an input of the one pass
 
     def group_key(self, row: Any) -> tuple:
-        """The row's group key without its guidance: each row gets its own value in the call."""
+        """The row's group key without its guidance (each row gets its own value), split by true CFG on / off."""
         key = list(row.group_key())
-        key[6] = None  # RowRequest.group_key's guidance_scale
+        key[6] = row.true_cfg_scale is not None  # RowRequest.group_key's guidance_scale
         return tuple(key)
 
     def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
-        """Per-row distilled guidance for the transformer's pre-hook (ignored by schnell, which has none)."""
-        negatives = [r.id for r in rows if r.negative_prompt]
-        if negatives:
-            raise ValueError(
-                f"row {negatives[0]}: negative_prompt on Flux needs true CFG, which ipa does not run on Flux yet; "
-                f"leave negative_prompt empty"
-            )
+        """Per-row distilled guidance (for the transformer's pre-hook; schnell has none) and true CFG."""
+        for r in rows:
+            if bool(r.negative_prompt) != (r.true_cfg_scale is not None):
+                raise ValueError(
+                    f"row {r.id}: on Flux a negative_prompt is used only with true CFG: set both "
+                    f"negative_prompt and true_cfg_scale (> 1), or neither"
+                )
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], dtype=torch.float32)
         flux_attention.set_guidance(pipe.transformer, guidance)
-        return {}
+        if rows[0].true_cfg_scale is None:
+            return {}
+        scales = RowScales([float(r.true_cfg_scale) for r in rows])
+        return {"true_cfg_scale": scales, "negative_prompt": [r.negative_prompt for r in rows]}
 
     def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
         return {"prompt": prompts}
@@ -159,6 +164,29 @@ class FluxFamily:
         if len(values) != len(layer_names):
             raise ValueError(f"layers.blocks: Flux has {len(layer_names)} double blocks, got {len(values)} values")
         return [float(v) for v in values]
+
+
+class RowScales(float):
+    """`true_cfg_scale` per row: FluxPipeline tests it against 1 and multiplies the noise difference by it.
+
+    As a number it is the largest row scale (every row's is > 1, so the second pass runs); multiplied
+    with the [rows, ...] noise difference it scales each row by its own value.
+    """
+
+    def __new__(cls, values: Sequence[float]) -> RowScales:
+        scales = super().__new__(cls, max(values))
+        scales.values = torch.tensor(values, dtype=torch.float32)
+        return scales
+
+    values: torch.Tensor
+
+    def __mul__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):
+            per_row = self.values.to(other.device, other.dtype).repeat(other.shape[0] // len(self.values))
+            return per_row.view(-1, *([1] * (other.ndim - 1))) * other
+        return float(self) * other
+
+    __rmul__ = __mul__
 
 
 def _given_embeds(ip_adapter_image: Any, ip_adapter_image_embeds: list[torch.Tensor], device: Any, *_: Any) -> list:

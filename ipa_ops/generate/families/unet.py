@@ -49,7 +49,7 @@ def h94_adapter_facts(shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None
     proj = {k[len("image_proj.") :]: v for k, v in shapes.items() if k.startswith("image_proj.")}
     ip = {k[len("ip_adapter.") :]: v for k, v in shapes.items() if k.startswith("ip_adapter.")}
     ks = [v for k, v in ip.items() if k.endswith("to_k_ip.weight")]
-    if not ks or not proj:
+    if not ks or not proj or "0.norm_ip.linear.weight" in ip:  # norm_ip: InstantX's SD3.5 layout, not h94's
         return None
     cross = ks[0][1]
     if any(k.endswith("to_q_lora.down.weight") for k in ip):
@@ -134,6 +134,9 @@ class UNetFamily:
         return row.group_key()
 
     def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        flux_only = [r.id for r in rows if r.true_cfg_scale is not None]
+        if flux_only:
+            raise ValueError(f"row {flux_only[0]}: true_cfg_scale is for Flux; UNet models use guidance_scale")
         return {}
 
     def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
