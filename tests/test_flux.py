@@ -93,13 +93,23 @@ TRUE_CFG: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
+IMAGE_TASKS: list[dict[str, Any]] = [
+    {"id": "img2img", "seed": 10, "adapters": [_entry("xlabs", REFS[:1], 0.7)], "task": "img2img",
+     "init_image": REFS[3], "strength": 0.6},
+    {"id": "inpaint", "seed": 11, "adapters": [_entry("xlabs", REFS[1:2], 0.7)], "task": "inpaint",
+     "init_image": REFS[3], "mask_image": str(REPO / "data" / "masks" / "left.png"), "strength": 0.6},
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ws(flux_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("flux-ws")
     Image.new("RGB", (32, 32)).save(root / "black.png")  # what FluxPipeline encodes as the negative image by default
     manifest = root / "rows.csv"
-    rows = ROWS + [{**r, "adapters": [{**a, "negative_images": [str(root / "black.png")]} for a in r["adapters"]]}
-                   for r in TRUE_CFG]  # fmt: skip
+    rows = ROWS + IMAGE_TASKS + [
+        {**r, "adapters": [{**a, "negative_images": [str(root / "black.png")]} for a in r["adapters"]]}
+        for r in TRUE_CFG
+    ]
     frame = pd.DataFrame([{"prompt": "a photo of a cat", "guidance_scale": 3.5, **r} for r in rows])
     frame["adapters"] = frame["adapters"].map(json.dumps)
     frame.to_csv(manifest, index=False)
@@ -204,6 +214,24 @@ def test_true_cfg_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> N
     ours = _ours(ws["generator"], row)
     assert np.abs(ours - expected).max() < TOL
     assert np.abs(ours - plain).max() > 1e-2  # the second pass does something
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_match_the_guide(ws: dict[str, Any], flux_zoo: Path, task: str) -> None:
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+    row = ws["rows"][task]
+    base = _guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.7)
+    init = _image(REFS[3]).resize((32, 32))
+    kwargs: dict[str, Any] = {"image": init, "strength": 0.6}
+    if task == "inpaint":
+        pipe = FluxInpaintPipeline.from_pipe(base)
+        kwargs["mask_image"] = Image.open(REPO / "data" / "masks" / "left.png").convert("L").resize((32, 32))
+    else:
+        pipe = FluxImg2ImgPipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _guide_call(pipe, row, [_image(REFS[0] if task == "img2img" else REFS[1])], **kwargs)
+    assert np.abs(_ours(ws["generator"], row) - expected).max() < TOL
 
 
 def test_true_cfg_rows_with_their_own_scales_share_a_call(ws: dict[str, Any]) -> None:

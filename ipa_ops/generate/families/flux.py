@@ -15,6 +15,8 @@ What differs from the UNet families:
 - per-block scales are one value per double block, `{"blocks": [19 values]}` (what
   `set_ip_adapter_scale` takes as a list) or `{"blocks": 0.5}`; the InstantStyle presets name
   UNet blocks and do not apply.
+- img2img and inpaint run on `FluxImg2ImgPipeline` / `FluxInpaintPipeline` (`from_pipe`, as for
+  the UNet families); ControlNet, video and LoRAs are not wired for Flux.
 - the pipeline is given each row's embeddings through `ip_adapter_image_embeds` and its own
   `prepare_ip_adapter_image_embeds` is bypassed (it would repeat them once per prompt).
 """
@@ -132,10 +134,12 @@ class FluxFamily:
                 )
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], dtype=torch.float32)
         flux_attention.set_guidance(pipe.transformer, guidance)
-        if rows[0].true_cfg_scale is None:
-            return {}
-        scales = RowScales([float(r.true_cfg_scale) for r in rows])
-        return {"true_cfg_scale": scales, "negative_prompt": [r.negative_prompt for r in rows]}
+        # FluxImg2ImgPipeline defaults to 1024 px, not the init image's size (inpaint gets the size from tasks.py)
+        out: dict[str, Any] = {"height": rows[0].height, "width": rows[0].width} if rows[0].task == "img2img" else {}
+        if rows[0].true_cfg_scale is not None:
+            out["true_cfg_scale"] = RowScales([float(r.true_cfg_scale) for r in rows])
+            out["negative_prompt"] = [r.negative_prompt for r in rows]
+        return out
 
     def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
         return {"prompt": prompts}
