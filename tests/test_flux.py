@@ -250,6 +250,44 @@ def test_true_cfg_rows_with_their_own_scales_share_a_call(ws: dict[str, Any]) ->
         assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
 
 
+@pytest.mark.parametrize("how", ["regional", "whole"])
+def test_compiled_transformer_takes_mixed_batches_in_one_graph(ws: dict[str, Any], how: str) -> None:
+    """fullgraph=True (a graph break is an error), traced with backend="eager"; a batch with other
+    schedules and seeds reuses the graphs (a recompile raises) and equals the eager engine."""
+    import dataclasses
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ipa_ops.flow.schedules import parse_schedule
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = Generator(ws["flow"], device="cpu", batch_size=8)
+        loaded = compiled.load("flux")
+        loaded.family.compile(loaded.pipe, how, "default", backend="eager")
+        loaded.compiled = True  # what Generator.load sets for a model whose flow says `compile`
+        rows = [ws["rows"][r] for r in ("guide", "two", "window", "none")]
+        assert [o.error for o in compiled.run_batch(rows)] == [""] * len(rows)
+        assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] > 0
+        graphs = counters["stats"]["unique_graphs"]
+        specs = [{"value": 0.5, "start": 0.5}, {"layers": {"blocks": LATE[::-1]}}, 1.1]
+        again = [
+            dataclasses.replace(r, seed=r.seed + 100, adapters=[
+                dataclasses.replace(x, schedule=parse_schedule(specs[(i + j) % len(specs)]))
+                for j, x in enumerate(r.adapters)])
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = compiled.run_batch(again)
+        assert compiled.stats["batch_failures"] == 0 and counters["stats"]["unique_graphs"] == graphs
+        for row, out, ref in zip(again, second, ws["generator"].run_batch(again), strict=True):
+            assert np.abs(out.image - ref.image).max() < BATCH_TOL, row.id
+    finally:
+        torch._dynamo.reset()
+
+
 def test_negative_prompt_without_true_cfg_fails_alone_with_one_line(ws: dict[str, Any]) -> None:
     bad = RowRequest(**{**ws["rows"]["guide"].__dict__, "id": "neg", "negative_prompt": "blurry"})
     outs = ws["generator"].generate([bad, ws["rows"]["none"]])

@@ -84,13 +84,13 @@ class FluxBatchedIPProcessor(torch.nn.Module):
         """IP keys and values [B, n*T, heads, head_dim]; projected once per call when caching."""
         state = self.state
         assert state is not None
-        key = (adapter, id(self), self.pass_key)
-        cached = state._kv.get(key) if state.cache_kv else None
+        key = (adapter, id(self), self.pass_key) if state.cache_kv else None  # compiled: no cache, no id guards
+        cached = state._kv.get(key) if key is not None else None
         if cached is not None:
             return cached
         flat = tokens.flatten(1, 2)  # [B, n, T, D] -> [B, n*T, D]
         kv = tuple(proj[adapter](flat).unflatten(-1, (-1, head_dim)) for proj in (self.to_k_ip, self.to_v_ip))
-        if state.cache_kv:
+        if key is not None:
             state._kv[key] = kv  # type: ignore[index]
         return kv  # type: ignore[return-value]
 
