@@ -149,10 +149,10 @@ class EncodeActor:
 
             torch.set_num_threads(self.torch_threads)
         if self.spec.type == "clip":
-            from ipa_ops.store.encoders.clip import ClipEncoder
+            from ipa_ops.store.encoders.siglip import vision_encoder
 
-            folder = clip_folder(self.spec, self.mirror)
-            self._encoder = ClipEncoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
+            folder = clip_folder(self.spec, self.mirror)  # CLIP, or SigLIP (SD3.5's encoder) by its config
+            self._encoder = vision_encoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
         else:
             from ipa_ops.store.encoders.face import FaceEncoder
 
