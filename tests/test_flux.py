@@ -346,7 +346,7 @@ def test_validate_refuses_family_and_encoder_mismatches(
     assert _validate(tmp_path, sd3_on_flux, capsys) == [
         "adapters.xlabs: ip-adapter.safetensors is an SD3.5 IP-Adapter (InstantX layout), but model 'flux' is a Flux "
         "pipeline; use XLabs-AI/flux-ip-adapter (ip_adapter.safetensors) with it, or run this adapter on an SD3.5 "
-        "model, which ipa does not run yet"
+        "model (stabilityai/stable-diffusion-3.5-large)"
     ]
     vit_h = json.loads(json.dumps(base))
     vit_h["encoders"]["clip-l"] = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}

@@ -25,11 +25,12 @@ def ip_dims(model_folder: Path) -> tuple[int, int]:
 
 
 # what each family's models are called and which IP-Adapters fit them, for mismatch lines
-FAMILY_WORDS = {"sd15": "an SD1.5", "sdxl": "an SDXL", "flux": "a Flux"}
+FAMILY_WORDS = {"sd15": "an SD1.5", "sdxl": "an SDXL", "flux": "a Flux", "sd3": "an SD3.5"}
 FITS = {
     "sd15": "an h94/IP-Adapter adapter from models/ (e.g. ip-adapter_sd15.bin)",
     "sdxl": "an h94/IP-Adapter adapter from sdxl_models/ (e.g. ip-adapter_sdxl.bin)",
     "flux": "XLabs-AI/flux-ip-adapter (ip_adapter.safetensors)",
+    "sd3": "InstantX/SD3.5-Large-IP-Adapter (ip-adapter.safetensors)",
 }
 ADAPTER_WORDS = {
     "": "an SD1.5/SDXL IP-Adapter (h94 layout)",
@@ -39,7 +40,7 @@ ADAPTER_WORDS = {
 RUNS_ON = {
     "": "an SD1.5 or SDXL model",
     "flux": "a Flux model (black-forest-labs/FLUX.1-dev)",
-    "sd3": "an SD3.5 model, which ipa does not run yet",
+    "sd3": "an SD3.5 model (stabilityai/stable-diffusion-3.5-large)",
 }
 ENCODER_FITS = {
     "flux": "CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)",

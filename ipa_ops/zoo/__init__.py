@@ -172,6 +172,12 @@ def _instantx(path: Path, sizes: ZooSizes) -> None:
     build_instantx(path, sizes)
 
 
+def _sd35(path: Path, sizes: ZooSizes) -> None:
+    from .sd3 import build_sd35
+
+    build_sd35(path, sizes)
+
+
 def _siglip(path: Path, sizes: ZooSizes) -> None:
     from .sd3 import build_siglip
 
@@ -187,8 +193,11 @@ FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
         Repo("XLabs-AI/flux-ip-adapter", _xlabs),
         Repo("openai/clip-vit-large-patch14", _clip_l),
     ),
-    # SD3.5: the IP-Adapter and its encoder only (the pipeline folder is not in the zoo yet)
-    "sd3": (Repo("InstantX/SD3.5-Large-IP-Adapter", _instantx), Repo("google/siglip-so400m-patch14-384", _siglip)),
+    "sd3": (
+        Repo("stabilityai/stable-diffusion-3.5-large", _sd35),
+        Repo("InstantX/SD3.5-Large-IP-Adapter", _instantx),
+        Repo("google/siglip-so400m-patch14-384", _siglip),
+    ),
 }
 
 

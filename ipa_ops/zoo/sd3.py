@@ -1,12 +1,13 @@
-"""SD3.5's IP-Adapter pieces in the zoo: InstantX's checkpoint and the SigLIP encoder it reads.
+"""SD3.5 in the zoo: stable-diffusion-3.5-large, InstantX's IP-Adapter and the SigLIP encoder it reads.
 
 `InstantX/SD3.5-Large-IP-Adapter/ip-adapter.safetensors` holds `image_proj.*` (an
 `IPAdapterTimeImageProjection`: SigLIP hidden states plus the timestep -> 64 tokens, depth 4, its
 width a multiple of 64 since diffusers derives heads as `to_q.out // 64`) in InstantX's own key
 names (`layers.<i>.0.norm1`, `layers.<i>.1.0`, ...; diffusers renames them on load) and
 `ip_adapter.<i>.{norm_ip.linear,to_k_ip,to_v_ip}.*` per joint block (38 in SD3.5 Large).
-`google/siglip-so400m-patch14-384` is a whole `SiglipModel` folder. The SD3.5 pipeline folder
-itself is not in the zoo yet (ipa does not run SD3.5); these two let pre-flight classify and refuse.
+`google/siglip-so400m-patch14-384` is a whole `SiglipModel` folder. The tiny SD3.5 pipeline keeps
+the 38 joint blocks, 16 latent channels and the three text towers (CLIP-L and CLIP-G with
+projections, T5), whose CLIP hidden sizes add up to the T5 width as in the real model.
 """
 
 from __future__ import annotations
@@ -115,3 +116,78 @@ def build_siglip(path: Path, sizes: ZooSizes) -> None:
             "rescale_factor": 0.00392156862745098, "size": {"height": s.image_size, "width": s.image_size},
         },
     )  # fmt: skip
+
+
+SD35_REPO = "stabilityai/stable-diffusion-3.5-large"
+
+
+def sd35_transformer_config(s: SD3AdapterSizes, t5_dim: int, pooled: int) -> dict[str, Any]:
+    """`transformer/config.json` of SD3.5 Large (38 joint blocks, RMS qk-norm, no dual attention)."""
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "attention_head_dim": s.head_dim,
+        "caption_projection_dim": s.inner_dim,
+        "dual_attention_layers": [],
+        "in_channels": 16,
+        "joint_attention_dim": t5_dim,
+        "num_attention_heads": s.inner_dim // s.head_dim,
+        "num_layers": s.num_layers,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": pooled,
+        "pos_embed_max_size": 192 if s is SD3_FULL else 16,
+        "qk_norm": "rms_norm",
+        "sample_size": 128 if s is SD3_FULL else 8,
+    }
+
+
+def sd35_model_index() -> dict[str, Any]:
+    return {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.31.0.dev0",
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def build_sd35(path: Path, sizes: ZooSizes) -> None:
+    """The SD3.5 Large pipeline folder: CLIP-L and CLIP-G (with projections), T5, 16-channel VAE."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .clip import build_text_encoder, write_tokenizer
+    from .flux import flux_sizes, scheduler_config, t5_config, vae_config, write_t5_tokenizer
+    from .sizes import TextSizes
+
+    s, f = SD3_SIZES[sizes.name], flux_sizes(sizes)
+    full = s is SD3_FULL
+    clip_l = TextSizes(768, 3072, 12, 12, projection_dim=768) if full else TextSizes(16, 32, 2, 2, projection_dim=16)
+    clip_g = TextSizes(1280, 5120, 32, 20, 1280, "gelu") if full else TextSizes(16, 32, 2, 2, 16, "gelu")
+    t5 = f.t5 if full else type(f.t5)(d_model=clip_l.hidden_size + clip_g.hidden_size, d_ff=64, d_kv=16,
+                                       num_heads=2, num_layers=2, vocab_size=128)  # fmt: skip
+    write_json(path / "model_index.json", sd35_model_index())
+    write_json(path / "scheduler" / "scheduler_config.json", {**scheduler_config(schnell=True), "shift": 3.0})
+    config = sd35_transformer_config(s, t5.d_model, clip_l.projection_dim + clip_g.projection_dim)
+    torch.manual_seed(seed_for(f"{SD35_REPO}/transformer"))
+    model = SD3Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    save_pretrained(model, path / "transformer", sizes.dtype)
+    vae = {**vae_config(f), "scaling_factor": 1.5305, "shift_factor": 0.0609}
+    torch.manual_seed(seed_for(f"{SD35_REPO}/vae"))
+    save_pretrained(AutoencoderKL(**{k: v for k, v in vae.items() if not k.startswith("_")}), path / "vae", sizes.dtype)
+    build_text_encoder(path / "text_encoder", clip_l, sizes, f"{SD35_REPO}/text_encoder", with_projection=True)
+    build_text_encoder(path / "text_encoder_2", clip_g, sizes, f"{SD35_REPO}/text_encoder_2", with_projection=True)
+    write_tokenizer(path / "tokenizer", sizes)
+    write_tokenizer(path / "tokenizer_2", sizes, pad_token="!")
+    torch.manual_seed(seed_for(f"{SD35_REPO}/text_encoder_3"))
+    save_pretrained(T5EncoderModel(T5Config(**t5_config(t5))), path / "text_encoder_3", sizes.dtype)
+    write_t5_tokenizer(path / "tokenizer_3", t5.vocab_size)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
-from ipa_ops.generate.families import flux, sd3_layout, sd15, sdxl
+from ipa_ops.generate.families import flux, sd3, sd3_layout, sd15, sdxl
 from ipa_ops.generate.families.base import ModelFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY, sd3.FAMILY)
 
 
 class UnknownFamily(ValueError):

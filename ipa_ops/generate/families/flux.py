@@ -38,13 +38,32 @@ _K = "double_blocks.{}.processor.ip_adapter_double_stream_k_proj.weight"
 
 
 class _NoPresets(dict):
-    """Flux has no InstantStyle blocks: a preset is refused by name, with what to write instead."""
+    """No InstantStyle blocks in a transformer family: a preset is refused by name, with what to write instead."""
+
+    def __init__(self, blocks: str):
+        super().__init__()
+        self.blocks = blocks  # e.g. "Flux has 19 double blocks"
 
     def __missing__(self, key: str) -> Any:
         raise ValueError(
-            f"preset {key!r} names UNet blocks; Flux has 19 double blocks: give per-block scales as "
-            f'{{"layers": {{"blocks": [19 values]}}}}'
+            f"preset {key!r} names UNet blocks; {self.blocks}: give per-block scales as "
+            f'{{"layers": {{"blocks": [one value per block]}}}}'
         )
+
+
+def block_scales(model: str, block: str, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
+    """`{"blocks": v}` or `{"blocks": [one value per block]}` as one value per IP layer (one per block)."""
+    if set(blocks) != {"blocks"}:
+        raise ValueError(
+            f"layers: {model} has no {'/'.join(sorted(set(blocks) - {'blocks'}))} blocks; give "
+            f'{{"blocks": [{len(layer_names)} values]}} (one per {block} block) or {{"blocks": value}}'
+        )
+    values = blocks["blocks"]
+    if not isinstance(values, list):
+        return [float(values)] * len(layer_names)
+    if len(values) != len(layer_names):
+        raise ValueError(f"layers.blocks: {model} has {len(layer_names)} {block} blocks, got {len(values)} values")
+    return [float(v) for v in values]
 
 
 def transformer_config(folder: Path) -> dict[str, Any]:
@@ -66,7 +85,7 @@ class FluxFamily:
     """FluxPipeline with XLabs IP-Adapters (see module doc)."""
 
     name = "flux"
-    presets: Mapping[str, Mapping[str, Any]] = _NoPresets()
+    presets: Mapping[str, Mapping[str, Any]] = _NoPresets("Flux has 19 double blocks")
 
     def claims(self, folder: Path) -> bool:
         config = folder / "transformer" / "config.json"
@@ -157,17 +176,7 @@ class FluxFamily:
 
     def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
         """`{"blocks": v}` or `{"blocks": [one value per double block]}`, as set_ip_adapter_scale reads a list."""
-        if set(blocks) != {"blocks"}:
-            raise ValueError(
-                f"layers: Flux has no {'/'.join(sorted(set(blocks) - {'blocks'}))} blocks; give "
-                f'{{"blocks": [{len(layer_names)} values]}} (one per double block) or {{"blocks": value}}'
-            )
-        values = blocks["blocks"]
-        if not isinstance(values, list):
-            return [float(values)] * len(layer_names)
-        if len(values) != len(layer_names):
-            raise ValueError(f"layers.blocks: Flux has {len(layer_names)} double blocks, got {len(values)} values")
-        return [float(v) for v in values]
+        return block_scales("Flux", "double", blocks, layer_names)
 
 
 class RowScales(float):

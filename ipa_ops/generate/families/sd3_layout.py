@@ -1,4 +1,4 @@
-"""InstantX's SD3.5 IP-Adapter layout, read for pre-flight: ipa does not run SD3.5 yet.
+"""InstantX's SD3.5 IP-Adapter layout (the SD3 family's, `sd3.py`; kept apart so classification sees it first).
 
 `image_proj.*` is an `IPAdapterTimeImageProjection` (SigLIP penultimate hidden states and the
 timestep -> `latents.shape[1]` tokens) and `ip_adapter.<i>.{norm_ip.linear,to_k_ip,to_v_ip}` one IP

@@ -1,0 +1,115 @@
+"""SD3.5 (Large) with InstantX's IP-Adapter: a transformer family behind `ModelFamily`.
+
+InstantX's checkpoint (`families/sd3_layout.py`) turns SigLIP's penultimate hidden states and the
+timestep into 64 tokens (`IPAdapterTimeImageProjection`, so they change every step) and adds an
+IP attention to each of the 38 joint blocks. diffusers loads it with
+`StableDiffusion3Pipeline.load_ip_adapter` (one adapter per pipeline); here the stock processors
+become `sd3_attention`'s batched ones. The call is the UNet families' in shape: classifier-free
+guidance batches `[negative; positive]` (negative image: zeros, as diffusers), and per-row
+embeddings go in through `ip_adapter_image_embeds` with the pipeline's own preparation bypassed.
+Per-block scales are `{"blocks": [one value per joint block]}` or `{"blocks": v}`; one reference
+image per row (diffusers' projection takes one image's tokens), several only when combined.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipa_ops.generate import sd3_attention
+from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.families.flux import FluxFamily, _NoPresets, block_scales
+from ipa_ops.generate.families.sd3_layout import instantx_adapter_facts
+
+
+def transformer_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "transformer" / "config.json").read_text())
+
+
+class SD3Family:
+    """StableDiffusion3Pipeline with InstantX's IP-Adapter (see module doc)."""
+
+    name = "sd3"
+    presets: Mapping[str, Mapping[str, Any]] = _NoPresets("SD3.5 has joint blocks (38 in Large)")
+
+    def claims(self, folder: Path) -> bool:
+        config = folder / "transformer" / "config.json"
+        return config.is_file() and transformer_config(folder).get("_class_name") == "SD3Transformer2DModel"
+
+    def ip_dims(self, folder: Path) -> tuple[int, int]:
+        cfg = transformer_config(folder)
+        return int(cfg["attention_head_dim"]) * int(cfg["num_attention_heads"]), int(cfg["num_layers"])
+
+    def adapter_facts(self, shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None:
+        return instantx_adapter_facts(shapes)
+
+    def load(self, folder: Path, dtype: torch.dtype, variant: str | None) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, variant=variant)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_adapters(self, pipe: Any, files: Sequence[Path]) -> None:
+        if len(files) > 1:
+            raise ValueError(f"SD3.5 takes one IP-Adapter per pipeline (diffusers' loader); got {len(files)}")
+        # subfolder "" (None crashes on a slash-free folder); strict loading: a wrong key fails here, not later
+        pipe.load_ip_adapter(str(files[0].parent), weight_name=files[0].name, subfolder="", image_encoder_folder=None,
+                             low_cpu_mem_usage=False)  # fmt: skip
+
+    def cross_attention_dim(self, pipe: Any) -> int:
+        cfg = pipe.transformer.config
+        return cfg.attention_head_dim * cfg.num_attention_heads
+
+    def install_attention(self, pipe: Any) -> list[str]:
+        return sd3_attention.install(pipe.transformer)
+
+    def bind_attention(self, pipe: Any, state: IPBatchState | None) -> None:
+        if state is not None:
+            state.cache_kv = False  # the IP tokens depend on the timestep
+        sd3_attention.bind(pipe.transformer, state)
+
+    def compile(self, pipe: Any, how: str, mode: str, **options: Any) -> None:
+        FluxFamily.compile(self, pipe, how, mode, **options)  # type: ignore[arg-type]
+
+    def dtype(self, pipe: Any) -> torch.dtype:
+        return pipe.transformer.dtype
+
+    def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
+        return guidance_scale > 1
+
+    def group_key(self, row: Any) -> tuple:
+        return row.group_key()
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        flux_only = [r.id for r in rows if r.true_cfg_scale is not None]
+        if flux_only:
+            raise ValueError(f"row {flux_only[0]}: true_cfg_scale is for Flux; SD3.5 uses guidance_scale")
+        return {}
+
+    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
+        return {"prompt": prompts, "negative_prompt": negatives if do_cfg and negatives[0] else None}
+
+    def ip_call(
+        self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool
+    ) -> dict[str, Any]:
+        (pos,), (neg,) = positives, negatives  # one adapter: [rows, n, T, D]
+        if pos.shape[1] != 1:
+            raise ValueError("SD3.5's IP-Adapter takes one image per row; combine several (e.g. combine: average)")
+        embeds = torch.cat([neg[:, 0], pos[:, 0]]) if do_cfg else pos[:, 0]
+        pipe.prepare_ip_adapter_image_embeds = lambda *args, **kwargs: embeds.to(kwargs.get("device", args[2]))
+        return {"ip_adapter_image_embeds": embeds}
+
+    def end_call(self, pipe: Any) -> None:
+        pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
+
+    def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
+        return block_scales("SD3.5", "joint", blocks, layer_names)
+
+
+FAMILY = SD3Family()

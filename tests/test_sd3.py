@@ -1,0 +1,193 @@
+"""SD3.5 rows equal the diffusers IP-Adapter guide's SD3 call; a mixed batch equals its rows alone.
+
+The guide loads InstantX's adapter with `StableDiffusion3Pipeline.load_ip_adapter(..., image_encoder_folder=
+<SigLIP>)` (scale 0.5 after loading, `set_ip_adapter_scale` to change it) and passes `ip_adapter_image`; our
+rows read SigLIP's penultimate hidden states of the same images from a store filled by the real extract
+stage. The SD3.5 repositories are built into this module's own zoo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+from zoo_flows import REPO, zoo_flow
+
+from ipa_ops.cli import main
+from ipa_ops.flow.spec import parse_flow
+from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.generator import Generator
+from ipa_ops.generate.manifest_plan import plan_manifest
+from ipa_ops.generate.plan import prepare
+from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.stages.extract import run_extract
+from ipa_ops.stages.generate import run_generate
+from ipa_ops.store.dataset import EmbeddingStore
+from ipa_ops.zoo import build_family_zoo
+from ipa_ops.zoo.sd3 import INSTANTX_REPO, INSTANTX_WEIGHT, SD35_REPO, SIGLIP_REPO
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
+
+TOL = 1e-4
+BATCH_TOL = 2e-3
+REFS = [str(REPO / "data" / "refs" / f"ref-{i}.png") for i in range(4)]
+LATE = [0.0] * 19 + [1.0] * 19  # the last 19 joint blocks
+
+
+def _entry(images: list[str], scale: Any) -> dict[str, Any]:
+    return {"adapter": "instantx", "images": images, "scale": scale}
+
+
+ROWS: list[dict[str, Any]] = [
+    {"id": "guide", "seed": 0, "adapters": [_entry(REFS[:1], 0.5)]},
+    {"id": "other-ref", "seed": 0, "adapters": [_entry(REFS[1:2], 0.5)]},
+    {"id": "strong", "seed": 1, "adapters": [_entry(REFS[2:3], 0.9)]},
+    {"id": "late", "seed": 2, "adapters": [_entry(REFS[3:4], {"layers": {"blocks": LATE}})]},
+    {"id": "window", "seed": 3, "adapters": [_entry(REFS[:1], {"value": 0.8, "end": 0.5})]},
+    {"id": "curve", "seed": 4, "adapters": [_entry(REFS[1:2], {"value": 1.2, "curve": "ease_in"})]},
+    {"id": "none", "seed": 5, "adapters": []},
+    {"id": "average", "seed": 6, "adapters": [{**_entry(REFS[2:4], 0.6), "combine": "average"}]},
+]
+NEGATIVE = {"id": "negative", "seed": 7, "adapters": [_entry(REFS[:1], 0.5)], "negative_prompt": "blurry"}
+
+
+@pytest.fixture(scope="module")
+def sd3_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family_zoo(tmp_path_factory.mktemp("sd3-zoo"), ("sd3", "flux"))
+
+
+@pytest.fixture(scope="module")
+def ws(sd3_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("sd3-ws")
+    manifest = root / "rows.csv"
+    frame = pd.DataFrame([{"prompt": "a photo of a cat", **r} for r in [*ROWS, NEGATIVE]])
+    frame["adapters"] = frame["adapters"].map(json.dumps)
+    frame.to_csv(manifest, index=False)
+    data = yaml.safe_load((REPO / "flows" / "sd3.yaml").read_text())
+    data["mirror"] = str(sd3_zoo)
+    data["stages"]["extract"].update(images=REFS, store=str(root / "store"), resources={"batch_size": 8})
+    data["stages"]["generate"].update(
+        manifest=str(manifest), store=str(root / "store"), output=str(root / "out"),
+        defaults={"width": 32, "height": 32, "steps": 2, "guidance_scale": 5.0}, resources={"batch_size": 8},
+    )  # fmt: skip
+    flow = parse_flow(data)
+    assert flow.stages.extract is not None and flow.stages.generate is not None
+    run_extract(flow, flow.stages.extract)
+    plans, errors = plan_manifest(flow, flow.stages.generate)
+    assert errors == []
+    store = EmbeddingStore(str(root / "store"))
+    rows = {p.id: prepare(p, store) for p in plans}
+    return {"flow": flow, "data": data, "rows": rows, "root": root,
+            "generator": Generator(flow, device="cpu", batch_size=8)}  # fmt: skip
+
+
+def _guide_pipe(zoo: Path, scale: Any) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(zoo / SD35_REPO, dtype=torch.float32)
+    pipe.load_ip_adapter(str(zoo / INSTANTX_REPO), weight_name=INSTANTX_WEIGHT, subfolder="",
+                         image_encoder_folder=str(zoo / SIGLIP_REPO), low_cpu_mem_usage=False)  # fmt: skip
+    pipe.set_ip_adapter_scale(scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _guide_call(pipe: StableDiffusion3Pipeline, row: RowRequest, image: Any) -> np.ndarray:
+    return pipe(
+        row.prompt, negative_prompt=row.negative_prompt or None, ip_adapter_image=image,
+        num_inference_steps=row.steps, guidance_scale=row.guidance_scale, width=row.width, height=row.height,
+        generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np",
+    ).images[0]  # fmt: skip
+
+
+def _ours(generator: Generator, row: RowRequest) -> np.ndarray:
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    return out.image
+
+
+@pytest.mark.parametrize("rid", ["guide", "negative"])
+def test_sd3_row_matches_the_guide(ws: dict[str, Any], sd3_zoo: Path, rid: str) -> None:
+    row = ws["rows"][rid]
+    pipe = _guide_pipe(sd3_zoo, 0.5)
+    image = Image.open(REFS[0]).convert("RGB")
+    ours = _ours(ws["generator"], row)
+    assert np.abs(ours - _guide_call(pipe, row, image)).max() < TOL
+    pipe.set_ip_adapter_scale(0.0)
+    assert np.abs(ours - _guide_call(pipe, row, image)).max() > 1e-2  # the adapter does something
+
+
+def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: dict[str, Any]) -> None:
+    """Eight rows: other references, scales, per-block, window and curve schedules, an averaged pair and a
+    row with no adapter, CFG on, in one call per step; each equals the row run alone."""
+    generator: Generator = ws["generator"]
+    rows = [ws["rows"][r["id"]] for r in ROWS]
+    transformer = generator.load("sd3").pipe.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    assert [o.error for o in outs] == [""] * len(rows)
+    assert len(calls) == rows[0].steps  # [negative; positive] of all eight rows in one transformer call
+    for row, out in zip(rows, outs, strict=True):
+        assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
+    by_id = {o.id: o.image for o in outs}
+    assert np.abs(by_id["guide"] - by_id["other-ref"]).max() > 1e-2  # each row attends to its own reference
+
+
+def _validate(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["validate", str(path)])
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
+    assert (code == 0) == (lines == ["ok"]), lines
+    return lines
+
+
+def test_validate_refuses_family_and_encoder_mismatches(
+    ws: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = json.loads(json.dumps(ws["data"]))
+    assert _validate(tmp_path, base, capsys) == ["ok"]
+    xlabs = json.loads(json.dumps(base))
+    xlabs["encoders"]["clip-l"] = {"type": "clip", "source": "openai/clip-vit-large-patch14"}
+    xlabs["stages"]["extract"]["encoders"] = ["siglip", "clip-l"]
+    xlabs["adapters"]["instantx"] = {
+        "source": "XLabs-AI/flux-ip-adapter", "weight_name": "ip_adapter.safetensors", "encoder": "clip-l"
+    }  # fmt: skip
+    assert _validate(tmp_path, xlabs, capsys) == [
+        "adapters.instantx: ip_adapter.safetensors is a Flux IP-Adapter (XLabs layout), but model 'sd3' is an "
+        "SD3.5 pipeline; use InstantX/SD3.5-Large-IP-Adapter (ip-adapter.safetensors) with it, or run this "
+        "adapter on a Flux model (black-forest-labs/FLUX.1-dev)"
+    ]
+    clip = json.loads(json.dumps(base))
+    clip["encoders"]["siglip"]["source"] = "openai/clip-vit-large-patch14"
+    assert _validate(tmp_path, clip, capsys) == [
+        "adapters.instantx: ip-adapter.safetensors takes SigLIP image features, but encoder 'siglip' is clip "
+        "(openai/clip-vit-large-patch14); ip-adapter needs SigLIP's penultimate hidden states "
+        "(google/siglip-so400m-patch14-384)"
+    ]
+
+
+def test_example_flow_validates_and_runs_on_the_zoo(
+    ws: dict[str, Any], sd3_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("IPA_MIRROR", str(sd3_zoo))
+    assert main(["validate", str(REPO / "flows" / "sd3.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    store = ws["root"] / "store"  # the extract stage filled it with the same encoder over the same data/refs
+    flow = zoo_flow("sd3", tmp_path, sd3_zoo, REPO / "manifests" / "sd3.csv", f"stages.generate.store={store}")
+    assert flow.stages.generate is not None
+    run_generate(flow, flow.stages.generate)
+    results = OutputDir(str(tmp_path / "out")).read_results()
+    manifest = pd.read_csv(REPO / "manifests" / "sd3.csv")
+    assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]
