@@ -18,7 +18,7 @@ It prints images/s and peak memory of each, the largest pixel difference of (b),
 `ratios:` line. With `--device cuda` it also prints the UNet's achieved TFLOP/s (counted with
 torch.utils.flop_counter) against a measured bf16 matmul ceiling.
 Runs without Ray: `python benchmarks/bench_generate.py --size small --device cpu`.
-`--model flux` runs the same comparison on FLUX.1-dev with XLabs' adapter (benchmarks/flux_ways.py).
+`--model flux|sd3` runs the same comparison on FLUX.1-dev + XLabs or SD3.5 + InstantX (benchmarks/flux_ways.py).
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ def bf16_ceiling(device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "small", "full"], default="small")
-    parser.add_argument("--model", choices=[*sorted(MODELS), "flux"], default="sd15",
-                        help="sdxl: 1024x1024 at full size; flux: FLUX.1-dev + XLabs (benchmarks/flux_ways.py)")
+    parser.add_argument("--model", choices=[*sorted(MODELS), "flux", "sd3"], default="sd15",
+                        help="sdxl: 1024x1024 at full size; flux / sd3: FLUX.1-dev + XLabs, SD3.5 + InstantX "
+                             "(benchmarks/flux_ways.py)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
@@ -125,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()  # fmt: skip
     if os.environ.pop("IPA_MIRROR", None) is not None:  # it would point ipa's ways at another zoo than (a)'s
         print("bench_generate: IPA_MIRROR ignored; every way loads the same zoo", flush=True)
-    if args.model == "flux":
+    if args.model in ("flux", "sd3"):
         from flux_ways import main_flux
 
         main_flux(args)

@@ -1,8 +1,9 @@
-"""`bench_generate.py --model flux`: the diffusers loop vs ipa on FLUX.1-dev with XLabs' IP-Adapter.
+"""`bench_generate.py --model flux|sd3`: the diffusers loop vs ipa on FLUX.1-dev + XLabs, or SD3.5 + InstantX.
 
-Rows differ in reference, scale and distilled guidance. The ways:
-  (a) the loop a user writes: one `pipe(...)` per row, `set_ip_adapter_scale`, the row's CLIP-L
-      embedding as `ip_adapter_image_embeds` (zeros as the negative, so nothing is re-encoded);
+Rows differ in reference, scale and (Flux) distilled guidance; SD3.5 rows share one CFG scale, which
+is per call in diffusers and in ipa. The ways:
+  (a) the loop a user writes: one `pipe(...)` per row, `set_ip_adapter_scale`, the row's embedding
+      (Flux: CLIP-L pooled; SD3.5: SigLIP hidden states) as `ip_adapter_image_embeds`, zeros as the negative;
   (b) ipa's Generator with batch size 1;  (c) with mixed batches;
   (d) diffusers' batched call, rows sharing one reference, scale and guidance (its batch-safe case).
 Prints images/s of each (interleaved rounds), the largest pixel difference of (b), (c) against (a)
@@ -24,46 +25,63 @@ from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.generate.generator import Generator
-from ipa_ops.store.encoders.clip import ClipEncoder
+from ipa_ops.store.encoders.siglip import vision_encoder
 from ipa_ops.zoo import build_family_zoo
 from ipa_ops.zoo.flux import CLIP_L_REPO, FLUX_REPO, XLABS_REPO, XLABS_WEIGHT
+from ipa_ops.zoo.sd3 import INSTANTX_REPO, INSTANTX_WEIGHT, SD35_REPO, SIGLIP_REPO
+
+# what differs between the two: repositories, the pipeline, the embedding field, guidance per row
+SETUPS: dict[str, dict[str, Any]] = {
+    "flux": {"model": FLUX_REPO, "adapter": XLABS_REPO, "weight": XLABS_WEIGHT, "encoder": CLIP_L_REPO,
+             "field": "image_embeds", "guidance": [2.0, 3.5, 5.0]},
+    "sd3": {"model": SD35_REPO, "adapter": INSTANTX_REPO, "weight": INSTANTX_WEIGHT, "encoder": SIGLIP_REPO,
+            "field": "hidden_states", "guidance": [5.0]},
+}  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_DIFF = 1e-3
 
 
-def _rows(n: int, res: int, steps: int, embeds: list[torch.Tensor]) -> list[RowRequest]:
-    rows = []
+def _rows(n: int, res: int, steps: int, embeds: list[torch.Tensor], setup: dict[str, Any]) -> list[RowRequest]:
+    rows, guidance = [], setup["guidance"]
     for i in range(n):
         emb = embeds[i % len(embeds)][None]
-        adapter = AdapterInput("xlabs", emb, torch.zeros_like(emb), parse_schedule([0.4, 0.7, 1.0][i % 3]))
-        rows.append(RowRequest(id=f"f{i}", prompt=f"a photo number {i}", seed=i, model="flux", width=res, height=res,
-                               steps=steps, guidance_scale=[2.0, 3.5, 5.0][i % 3], adapters=[adapter]))  # fmt: skip
+        adapter = AdapterInput("ip", emb, torch.zeros_like(emb), parse_schedule([0.4, 0.7, 1.0][i % 3]))
+        rows.append(RowRequest(id=f"f{i}", prompt=f"a photo number {i}", seed=i, model="base", width=res,
+                               height=res, steps=steps, guidance_scale=guidance[i % len(guidance)],
+                               adapters=[adapter]))  # fmt: skip
     return rows
 
 
-def _plain(pipe: Any, rows: list[RowRequest]) -> list[np.ndarray]:
+def _embeds(name: str, given: list[torch.Tensor], negatives: list[torch.Tensor]) -> dict[str, Any]:
+    """The documented precomputed-embeddings arguments: Flux a list per adapter, SD3.5 `[negative; positive]`."""
+    if name == "flux":
+        return {"ip_adapter_image_embeds": [torch.stack(given)[:, None]],
+                "negative_ip_adapter_image_embeds": [torch.stack(negatives)[:, None]]}  # fmt: skip
+    return {"ip_adapter_image_embeds": torch.cat([torch.stack(negatives), torch.stack(given)])}
+
+
+def _plain(name: str, pipe: Any, rows: list[RowRequest]) -> list[np.ndarray]:
     out = []
     for row in rows:
         x = row.adapters[0]
         pipe.set_ip_adapter_scale(x.schedule.value)
         seeded = torch.Generator("cpu").manual_seed(row.seed)
-        out.append(pipe(row.prompt, ip_adapter_image_embeds=[x.embeds[None]],
-                        negative_ip_adapter_image_embeds=[x.negative[None]], num_inference_steps=row.steps,
+        out.append(pipe(row.prompt, **_embeds(name, [x.embeds[0]], [x.negative[0]]), num_inference_steps=row.steps,
                         guidance_scale=row.guidance_scale, width=row.width, height=row.height,
                         generator=seeded, output_type="np").images[0])  # fmt: skip
     return out
 
 
-def _shared(pipe: Any, rows: list[RowRequest], batch: int) -> list[np.ndarray]:
+def _shared(name: str, pipe: Any, rows: list[RowRequest], batch: int) -> list[np.ndarray]:
     out: list[np.ndarray] = []
     first = rows[0].adapters[0]
     pipe.set_ip_adapter_scale(first.schedule.value)
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        out += list(pipe([r.prompt for r in chunk], ip_adapter_image_embeds=[first.embeds[None]],
-                         negative_ip_adapter_image_embeds=[first.negative[None]], num_inference_steps=chunk[0].steps,
-                         guidance_scale=chunk[0].guidance_scale, width=chunk[0].width, height=chunk[0].height,
+        out += list(pipe([r.prompt for r in chunk], **_embeds(name, [first.embeds[0]], [first.negative[0]]),
+                         num_inference_steps=chunk[0].steps, guidance_scale=chunk[0].guidance_scale,
+                         width=chunk[0].width, height=chunk[0].height,
                          generator=[torch.Generator("cpu").manual_seed(r.seed) for r in chunk],
                          output_type="np").images)  # fmt: skip
     return out
@@ -77,40 +95,54 @@ def _ipa(generator: Generator, rows: list[RowRequest]) -> list[np.ndarray]:
     return [o.image for o in outs]  # type: ignore[misc]
 
 
+def _pipeline(name: str, zoo: Path, dtype: torch.dtype) -> Any:
+    """The documented set-up, without an image encoder (the ways are fed precomputed embeddings)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    setup = SETUPS[name]
+    if name == "flux":
+        pipe = FluxPipeline.from_pretrained(zoo / setup["model"], dtype=dtype)
+        pipe.load_ip_adapter(str(zoo / setup["adapter"]), weight_name=setup["weight"],
+                             image_encoder_pretrained_model_name_or_path=None, low_cpu_mem_usage=False)  # fmt: skip
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(zoo / setup["model"], dtype=dtype)
+        pipe.load_ip_adapter(str(zoo / setup["adapter"]), weight_name=setup["weight"], subfolder="",
+                             image_encoder_folder=None, low_cpu_mem_usage=False)  # fmt: skip
+    return pipe
+
+
 def main_flux(args: Any) -> None:
+    name, setup = args.model, SETUPS[args.model]
     defaults = {"tiny": (16, 64, 4), "small": (16, 128, 8), "full": (32, 1024, 28)}[args.size]
     n, res, steps = args.rows or defaults[0], args.resolution or defaults[1], args.steps or defaults[2]
-    zoo_root = Path(args.zoo) / f"zoo-flux-{args.size}"
+    zoo_root = Path(args.zoo) / f"zoo-{name}-{args.size}"
     if args.size != "full":
-        build_family_zoo(zoo_root, ("flux",), size=args.size)
+        build_family_zoo(zoo_root, ("flux", "sd3"), size=args.size)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(zoo_root / FLUX_REPO, dtype=dtype)
-    pipe.load_ip_adapter(str(zoo_root / XLABS_REPO), weight_name=XLABS_WEIGHT,
-                         image_encoder_pretrained_model_name_or_path=None, low_cpu_mem_usage=False)  # fmt: skip
+    pipe = _pipeline(name, zoo_root, dtype)
     pipe.to(args.device).set_progress_bar_config(disable=True)
-    encoder = ClipEncoder(zoo_root / CLIP_L_REPO, gpu=args.device == "cuda")
+    encoder = vision_encoder(zoo_root / setup["encoder"], name == "sd3", "center", gpu=args.device == "cuda")
     refs = [Image.open(REPO / "data" / "refs" / f"ref-{i}.png").convert("RGB") for i in range(4)]
-    embeds = [torch.as_tensor(e["image_embeds"]) for e in encoder.encode(refs)]
-    rows = _rows(n, res, steps, embeds)
-    print(f"bench_generate: size={args.size} model=flux device={args.device} rows={n} {res}x{res} steps={steps} "
+    embeds = [torch.as_tensor(e[setup["field"]]) for e in encoder.encode(refs)]
+    rows = _rows(n, res, steps, embeds, setup)
+    print(f"bench_generate: size={args.size} model={name} device={args.device} rows={n} {res}x{res} steps={steps} "
           f"batch={args.batch} torch={torch.__version__} threads={torch.get_num_threads()} zoo={zoo_root}",
           flush=True)  # fmt: skip
     flow = parse_flow({
-        "name": "bench-flux", "mirror": str(zoo_root), "models": {"flux": {"source": FLUX_REPO, "dtype": "bfloat16"}},
-        "encoders": {"clip-l": {"type": "clip", "source": CLIP_L_REPO}},
-        "adapters": {"xlabs": {"source": XLABS_REPO, "weight_name": XLABS_WEIGHT, "encoder": "clip-l"}},
-        "stages": {"generate": {"manifest": "unused.csv", "model": "flux", "store": "unused", "output": "unused"}},
+        "name": f"bench-{name}", "mirror": str(zoo_root),
+        "models": {"base": {"source": setup["model"], "dtype": "bfloat16"}},
+        "encoders": {"enc": {"type": "clip", "source": setup["encoder"], "hidden_states": name == "sd3"}},
+        "adapters": {"ip": {"source": setup["adapter"], "weight_name": setup["weight"], "encoder": "enc"}},
+        "stages": {"generate": {"manifest": "unused.csv", "model": "base", "store": "unused", "output": "unused"}},
     })  # fmt: skip
     one = Generator(flow, device=args.device, batch_size=1)
     mixed = Generator(flow, device=args.device, batch_size=args.batch)
     ways = {
-        "(a) diffusers loop": lambda: _plain(pipe, rows),
+        "(a) diffusers loop": lambda: _plain(name, pipe, rows),
         "(b) ipa batch 1": lambda: _ipa(one, rows),
         f"(c) ipa batch {args.batch}": lambda: _ipa(mixed, rows),
         f"(d) diffusers batch {args.batch}, one shared reference, scale and guidance": lambda: _shared(
-            pipe, rows, args.batch
+            name, pipe, rows, args.batch
         ),
     }
     for _ in range(args.warmup):

@@ -1,4 +1,4 @@
-"""Model families (SD1.5, SDXL, Flux): one module each behind the `ModelFamily` protocol, registered here.
+"""Model families (SD1.5, SDXL, Flux, SD3.5): one module each behind the `ModelFamily` protocol, registered here.
 
 Owns what differs between base models; imports the batched attention and the flow format, and
 nothing of the generator. To add a family: write `<name>.py` with a `FAMILY` that implements
