@@ -48,8 +48,9 @@ LATE = [0.0] * 9 + [1.0] * 10  # the last ten double blocks
 def flux_zoo(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path) -> Path:
     root = build_family_zoo(tmp_path_factory.mktemp("flux-zoo"), ("flux", "sd3"))
     save_safetensors(root / XLABS_REPO / SECOND, xlabs_state_dict(FLUX_TINY, torch.float32, seed_name="second"))
-    for org in ("stabilityai", "h94"):  # the UNet zoo's SDXL and h94 adapters, for the mismatch checks
-        (root / org).symlink_to(zoo_dir / org)
+    for repo in ("stabilityai/stable-diffusion-xl-base-1.0", "h94/IP-Adapter"):  # for the mismatch checks
+        (root / repo).parent.mkdir(parents=True, exist_ok=True)
+        (root / repo).symlink_to(zoo_dir / repo)
     return root
 
 
