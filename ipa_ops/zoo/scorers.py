@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .clip import image_processor_config, text_config, vision_config, write_tokenizer
+from .clip import image_processor_config, text_config, vision_config
 from .common import generator, save_pretrained, save_torch, seed_for, write_json
 from .sizes import ZooSizes
 
@@ -43,14 +43,18 @@ def _clip_l_config(sizes: ZooSizes) -> Any:
 
 
 def build_clip_l(path: Path, sizes: ZooSizes) -> None:
-    """``openai/clip-vit-large-patch14``: the full CLIPModel (text and vision towers)."""
-    import torch
-    from transformers import CLIPModel
+    """``openai/clip-vit-large-patch14``: the full CLIPModel (text and vision towers). One repository
+    serves the score stage and Flux's IP-Adapter image encoder, so it is built by one builder."""
+    from .flux import build_clip_l as build
 
-    torch.manual_seed(seed_for(CLIP_L))
-    save_pretrained(CLIPModel(_clip_l_config(sizes)), path, sizes.dtype)
-    write_tokenizer(path, sizes)
-    write_json(path / "preprocessor_config.json", image_processor_config(sizes.vit_l.image_size))
+    build(path, sizes)
+
+
+def clip_l_width(sizes: ZooSizes) -> int:
+    """The width of that model's image embeddings (what the aesthetic head reads)."""
+    from .flux import flux_sizes
+
+    return flux_sizes(sizes).clip_l_vision.projection_dim
 
 
 def build_safety_checker(path: Path, sizes: ZooSizes) -> None:
@@ -77,7 +81,7 @@ def aesthetic_state_dict(sizes: ZooSizes) -> dict[str, Any]:
 
     gen = generator(f"{AESTHETIC}/{AESTHETIC_FILE}")
     state: dict[str, Any] = {}
-    width = sizes.vit_l.projection_dim
+    width = clip_l_width(sizes)
     for index, out in zip(AESTHETIC_LINEAR_INDEX, AESTHETIC_WIDTHS, strict=True):
         bound = 1.0 / width**0.5  # nn.Linear's default init range
         state[f"layers.{index}.weight"] = (torch.rand(out, width, generator=gen) * 2 - 1) * bound
