@@ -263,7 +263,7 @@ results_writer.ResultsWriter.commit = commit_then_die
 root, zoo, manifest = map(Path, sys.argv[1:4])
 overrides = ("stages.generate.resources.batch_size=2", "stages.generate.commit_rows=2")
 flow = zoo_flow("quickstart", root, zoo, manifest, *overrides, steps=3, output="killed")
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 run_generate(flow, flow.stages.generate)
 """
 
