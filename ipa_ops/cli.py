@@ -13,7 +13,7 @@ import sys
 
 from ipa_ops.errors import UserError
 
-COMMAND_MODULES = ("core", "zoo", "store", "manifest", "cluster", "doctor", "compact", "reproduce", "scores")
+COMMAND_MODULES = ("core", "zoo", "store", "manifest", "cluster", "doctor", "compact", "reproduce", "scores", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

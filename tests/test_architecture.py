@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ipa_ops.records",),
     ("ipa_ops.manifest", "ipa_ops.store"),
     ("ipa_ops.outputs",),
-    ("ipa_ops.generate", "ipa_ops.doctor", "ipa_ops.scores"),
+    ("ipa_ops.generate", "ipa_ops.doctor", "ipa_ops.scores", "ipa_ops.export"),
     ("ipa_ops.report",),
     ("ipa_ops.stages",),
     ("ipa_ops.runner", "ipa_ops.cluster"),
