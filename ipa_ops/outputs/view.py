@@ -74,12 +74,33 @@ class ResultsView:
         self._execute(self._query(where, None, ordered=False), where)
 
     def select(
-        self, where: str | None = None, limit: int | None = None, batch_rows: int = READ_BATCH
+        self, where: str | None = None, limit: int | None = None, batch_rows: int = READ_BATCH, said: str | None = None
     ) -> pa.RecordBatchReader:
-        """Matching rows as a stream of record batches, in written order (part, then row)."""
+        """Matching rows as a stream of record batches, in written order (part, then row).
+
+        `said` is the expression as the user wrote it, for errors (when `where` adds to it). An error
+        that only the data reveals (a cast that fails on some row) is raised while reading, as a
+        `WhereError` too.
+        """
+        said = where if said is None else said
         self.check(where)
         self._source(empty=False)
-        return self._execute(self._query(where, limit, ordered=True), where).to_arrow_reader(batch_rows)
+        import duckdb
+
+        relation = self._execute(self._query(where, limit, ordered=True), said)
+        try:
+            reader = relation.to_arrow_reader(batch_rows)
+        except duckdb.Error as exc:
+            raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
+        return pa.RecordBatchReader.from_batches(reader.schema, self._guarded(reader, said))
+
+    def _guarded(self, reader: pa.RecordBatchReader, said: str | None) -> Iterator[pa.RecordBatch]:
+        import duckdb
+
+        try:
+            yield from reader
+        except duckdb.Error as exc:
+            raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
 
     def count(self, where: str | None = None) -> int:
         self.check(where)

@@ -50,7 +50,9 @@ def run_export(
         with results_view(out, extra, memory_limit=options.memory_limit, spill_dir=staging.sub(SPILL)) as view:
             view.check(options.where)  # the user's expression alone, so its error names only it
             where = "status = 'ok'" + (f" AND ({options.where})" if options.where and options.where.strip() else "")
-            selected, sizes = _stage_selection(view.select(where, options.limit), staging.sub(SELECTION), out, options)
+            selected, sizes = _stage_selection(
+                view.select(where, options.limit, said=options.where), staging.sub(SELECTION), out, options
+            )
         entries: list[dict[str, Any]] = []
         if selected:
             started = ensure_ray(ray_address)
