@@ -2,16 +2,18 @@
 
     results_view(out, extra=[scores_table, ...]).select("status = 'ok' and dup_of is null", limit=100)
 
-What `ipa export` (and anything else that asks "which rows, with which columns") reads. The view is
-DuckDB SQL over the results parts, streamed: parts are read batch by batch into DuckDB (never
-concatenated on the driver), the latest attempt per `row_key` is kept (by `finished_at`, then part
-and row order, as `folder.latest` does), and rows come out as Arrow record batches, in the order
-they were written. DuckDB keeps its own memory under `memory_limit` and spills to a temp folder.
+What `ipa export` (and anything else that asks "which rows, with which columns") reads. Columns
+are whatever the parts hold: parts of different ages are unified (a column a part lacks is null
+there), nested structs and lists stay nested. Extra per-row-key tables (scores, labels) join in
+with one call: each has a `row_key` column and at most one row per key; its other columns appear
+beside the results columns and can be filtered on like them.
 
-Columns are whatever the parts hold: parts of different ages are unified (a column a part lacks is
-null there), nested structs and lists stay nested. Extra per-row-key tables (scores, labels) join
-in with one call: each table has a `row_key` column and at most one row per key; its other columns
-appear beside the results columns and can be filtered on like them.
+It is computed in two streamed passes, so memory grows by a few bytes per row, never by a row:
+1. two columns of every part (`row_key`, `finished_at`) go through DuckDB, which ranks each key's
+   attempts (by `finished_at`, then part and row order, as `folder.latest` does) and keeps only
+   the (part, row) of the latest; DuckDB holds its memory under `memory_limit` and spills beyond;
+2. the parts are read again batch by batch; each batch keeps its latest rows, gets the extra
+   tables joined and `where` applied by DuckDB, and goes out as Arrow, in written order.
 
 `where` is a SQL boolean expression (DuckDB's dialect), e.g. `status = 'ok' and id like 'a%'`,
 `dup_of is null`, `seed between 1 and 9`. It runs with file and network access switched off, so a
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,6 +35,7 @@ from ipa_ops.outputs.folder import OutputDir
 
 PART, ROW = "_ipa_part", "_ipa_row"  # where a row was written: part index (name order), row in the part
 READ_BATCH = 8192
+_NONE = np.array([], np.int64)
 Extra = pa.Table | pa.RecordBatchReader
 
 
@@ -53,28 +57,21 @@ class ResultsView:
             self.con.execute(f"SET temp_directory = '{_sql_text(spill_dir)}'")
         joins = self._register_extra(extra)
         self.con.execute("SET enable_external_access = false; SET lock_configuration = true")
-        names = ", ".join("latest." + _ident(n) for n in self.schema.names if n not in (PART, ROW))
-        self._source(empty=True)
-        self.con.execute(
-            f"CREATE VIEW results AS SELECT {names}{''.join(c for c, _ in joins)}, latest.{PART}, latest.{ROW} FROM ("
-            f"SELECT *, row_number() OVER (PARTITION BY row_key ORDER BY finished_at DESC NULLS LAST, "
-            f"{PART} DESC, {ROW} DESC) AS _ipa_rank FROM parts WHERE row_key IS NOT NULL AND row_key <> '') latest"
-            f"{''.join(j for _, j in joins)} WHERE _ipa_rank = 1"
-        )
+        self._select = "SELECT b.*" + "".join(c for c, _ in joins) + " FROM batch b" + "".join(j for _, j in joins)
+        self._winners: dict[int, np.ndarray] | None = None
 
     @property
     def columns(self) -> list[str]:
         """The view's columns (results columns, then joined ones)."""
-        self._source(empty=True)
-        return [c for c in self.con.sql("SELECT * FROM results LIMIT 0").columns if c not in (PART, ROW)]
+        self.con.register("batch", self.schema.empty_table())
+        return [c for c in self.con.sql(self._select).columns if c not in (PART, ROW)]
 
     def check(self, where: str | None) -> None:
         """Raise `WhereError` (one line) unless `where` parses and binds against the view's columns."""
-        self._source(empty=True)
-        self._execute(self._query(where, None, ordered=False), where)
+        self._filter(self.schema.empty_table(), where, where)
 
     def select(
-        self, where: str | None = None, limit: int | None = None, batch_rows: int = READ_BATCH, said: str | None = None
+        self, where: str | None = None, limit: int | None = None, said: str | None = None
     ) -> pa.RecordBatchReader:
         """Matching rows as a stream of record batches, in written order (part, then row).
 
@@ -84,30 +81,11 @@ class ResultsView:
         """
         said = where if said is None else said
         self.check(where)
-        self._source(empty=False)
-        import duckdb
-
-        relation = self._execute(self._query(where, limit, ordered=True), said)
-        try:
-            reader = relation.to_arrow_reader(batch_rows)
-        except duckdb.Error as exc:
-            raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
-        return pa.RecordBatchReader.from_batches(reader.schema, self._guarded(reader, said))
-
-    def _guarded(self, reader: pa.RecordBatchReader, said: str | None) -> Iterator[pa.RecordBatch]:
-        import duckdb
-
-        try:
-            yield from reader
-        except duckdb.Error as exc:
-            raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
+        schema = self._filter(self.schema.empty_table(), where, said).schema
+        return pa.RecordBatchReader.from_batches(schema, self._selected(where, limit, said))
 
     def count(self, where: str | None = None) -> int:
-        self.check(where)
-        self._source(empty=False)
-        return int(
-            self._execute(f"SELECT count(*) FROM ({self._query(where, None, ordered=False)})", where).fetchall()[0][0]
-        )
+        return sum(b.num_rows for b in self.select(where))
 
     def close(self) -> None:
         self.con.close()
@@ -118,42 +96,73 @@ class ResultsView:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _query(self, where: str | None, limit: int | None, ordered: bool) -> str:
-        sql = f"SELECT * EXCLUDE ({PART}, {ROW}) FROM results"
-        if where and where.strip():
-            sql += f" WHERE ({where})"
-        if ordered:
-            sql += f" ORDER BY {PART}, {ROW}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return sql
+    def _selected(self, where: str | None, limit: int | None, said: str | None) -> Iterator[pa.RecordBatch]:
+        left = limit
+        winners = self._latest()
+        for batch in self._batches():
+            keep = _rows_of(winners.get(int(batch.column(PART)[0].as_py()), _NONE), batch)
+            if not len(keep):
+                continue
+            for out in self._filter(pa.Table.from_batches([batch]).take(keep), where, said).to_batches():
+                if left is not None:
+                    out = out.slice(0, left)
+                    left -= out.num_rows
+                if out.num_rows:
+                    yield out
+                if left == 0:
+                    return
 
-    def _execute(self, sql: str, where: str | None) -> Any:
+    def _filter(self, table: pa.Table, where: str | None, said: str | None) -> pa.Table:
+        """`where` over one batch of latest rows, extra tables joined in, in the batch's order."""
         import duckdb
 
+        sql = self._select + (f" WHERE ({where})" if where and where.strip() else "") + f" ORDER BY b.{ROW}"
         try:
             statements = self.con.extract_statements(sql)
             if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-                raise WhereError(f"--where {where!r}: must be one boolean expression, not statements")
-            return self.con.sql(sql)
+                raise WhereError(f"--where {said!r}: must be one boolean expression, not statements")
+            self.con.register("batch", table)
+            found = self.con.sql(sql).to_arrow_table()
         except duckdb.Error as exc:
-            raise WhereError(f"--where {where!r}: {_first_line(exc)}") from None
+            raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
+        return found.drop_columns([PART, ROW])
 
-    def _source(self, empty: bool) -> None:
-        """(Re)bind `parts`: an empty table to check a query, or a fresh stream of every part to run it."""
-        source = self.schema.empty_table() if empty else pa.RecordBatchReader.from_batches(self.schema, self._batches())
-        self.con.register("parts", source)
+    def _latest(self) -> dict[int, np.ndarray]:
+        """Per part, the sorted row numbers holding a key's latest attempt (by finished_at, part, row).
 
-    def _batches(self) -> Iterator[pa.RecordBatch]:
-        for index, (path, _) in enumerate(self.parts):
+        Computed once from two columns of every part, so the cost in memory is a few bytes per row
+        (the full rows are only ever streamed); DuckDB spills the ranking if it outgrows its limit.
+        """
+        if self._winners is None:
+            narrow = pa.schema([self.schema.field("row_key"), self.schema.field("finished_at")])
+            narrow = narrow.append(self.schema.field(PART)).append(self.schema.field(ROW))
+            self.con.register("keys", pa.RecordBatchReader.from_batches(narrow, self._batches(narrow)))
+            found = self.con.sql(
+                f"SELECT {PART}, {ROW} FROM (SELECT {PART}, {ROW}, row_number() OVER (PARTITION BY row_key "
+                f"ORDER BY finished_at DESC NULLS LAST, {PART} DESC, {ROW} DESC) AS rank FROM keys "
+                f"WHERE row_key IS NOT NULL AND row_key <> '') WHERE rank = 1 ORDER BY {PART}, {ROW}"
+            ).to_arrow_table()
+            self.con.unregister("keys")
+            parts = found.column(PART).to_numpy()
+            rows = found.column(ROW).to_numpy()
+            bounds = np.searchsorted(parts, np.arange(len(self.parts) + 1))
+            self._winners = {i: rows[bounds[i] : bounds[i + 1]] for i in range(len(self.parts))}
+        return self._winners
+
+    def _batches(self, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+        """Every part's rows in `schema` (default: all columns), batch by batch, in part order."""
+        schema = schema or self.schema
+        columns = [n for n in schema.names if n not in (PART, ROW)]
+        for index, (path, part_schema) in enumerate(self.parts):
             row = 0
             try:
                 with self.out.fs.open(path, "rb") as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH):
-                        yield _conform(batch, self.schema, index, row)
+                    wanted = [c for c in columns if c in part_schema.names]
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH, columns=wanted):
+                        yield _conform(batch, schema, index, row)
                         row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
-                raise UserError(f"{path}: results part unreadable while exporting ({_first_line(exc)}); rerun") from exc
+                raise UserError(f"{path}: results part unreadable while reading the view ({_first_line(exc)})") from exc
 
     def _register_extra(self, extra: Sequence[Extra]) -> list[tuple[str, str]]:
         """Copy each extra table into DuckDB; returns (select columns, join clause) per table."""
@@ -177,7 +186,7 @@ class ResultsView:
             if twice:
                 raise UserError(f"extra table {i}: row_key {twice[0][0]!r} is there twice; join one row per key")
             cols = "".join(f", {name}.{_ident(c)}" for c in schema.names if c != "row_key")
-            joins.append((cols, f" LEFT JOIN {name} ON {name}.row_key = latest.row_key"))
+            joins.append((cols, f" LEFT JOIN {name} USING (row_key)"))
         return joins
 
 
@@ -231,6 +240,13 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, part: int, first_row: int
         else:
             arrays.append(pa.nulls(n, field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _rows_of(winners: np.ndarray, batch: pa.RecordBatch) -> np.ndarray:
+    """Positions in `batch` (rows first..first+n of its part) of the rows in `winners` (sorted)."""
+    first = int(batch.column(ROW)[0].as_py())
+    lo, hi = np.searchsorted(winners, [first, first + batch.num_rows])
+    return winners[lo:hi] - first
 
 
 def _ident(name: str) -> str:

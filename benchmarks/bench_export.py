@@ -1,0 +1,102 @@
+"""`ipa export` at 10^4 / 10^5 (/ 10^6) rows: does the driver's memory stay flat as rows grow?
+
+    .venv/bin/python benchmarks/bench_export.py [--sizes 10000 100000] [--formats webdataset parquet imagefolder]
+                                                 [--root DIR]
+
+For each size it synthesises an output folder as `bench_outputs.py` does (1x1 PNGs under
+`images/<k[:2]>/`, full results rows with provenance, compacted), then exports it in each format,
+each export in a fresh process on its own embedded Ray, and reports that process's (the driver's)
+peak RSS and the export's seconds. Beside it, in the same kind of fresh process, the peak RSS of
+reading the whole results table into pandas (`OutputDir.read_results`): what a driver that held the
+rows whole would need at least, before any image.
+
+Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per export and one
+`whole: rows=<n> read_results_rss_gb=<g>` line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_outputs import keys_for, peak_rss_gb, synthesise  # noqa: E402
+
+from ipa_ops.outputs.folder import OutputDir  # noqa: E402
+
+
+def measure(kind: str, uri: str, dest: str) -> dict:
+    """One measurement in this (fresh) process: an export in format `kind`, or `whole`."""
+    t0 = time.perf_counter()
+    if kind == "whole":
+        rows = len(OutputDir(uri).read_results())
+    else:
+        import ray
+
+        from ipa_ops.export.options import ExportOptions
+        from ipa_ops.stages.export import run_export
+
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = run_export(uri, dest, ExportOptions(format=kind))["rows"]  # type: ignore[arg-type]
+        ray.shutdown()
+    return {"rows": rows, "seconds": round(time.perf_counter() - t0, 2), "rss_gb": round(peak_rss_gb(), 3)}
+
+
+def _child(kind: str, uri: str, dest: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, "--uri", uri, "--dest", dest]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench(n: int, root: Path, formats: list[str]) -> None:
+    folder = root / f"out-{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    synthesise(OutputDir(str(folder)), keys_for(n))
+    whole = _child("whole", str(folder), "")
+    print(f"whole: rows={n} read_results_rss_gb={whole['rss_gb']}", flush=True)
+    for fmt in formats:
+        dest = root / f"export-{n}-{fmt}"
+        shutil.rmtree(dest, ignore_errors=True)
+        found = _child(fmt, str(folder), str(dest))
+        assert found["rows"] == n, found
+        print(f"export: rows={n} format={fmt} seconds={found['seconds']} driver_rss_gb={found['rss_gb']}", flush=True)
+        shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--formats", nargs="+", default=["webdataset", "parquet", "imagefolder"])
+    parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--uri", help=argparse.SUPPRESS)
+    parser.add_argument("--dest", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.uri, args.dest)))
+        return 0
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-export-"))
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; root {root}", flush=True)
+    try:
+        for n in args.sizes:
+            bench(n, root, args.formats)
+    finally:
+        if not args.root:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
