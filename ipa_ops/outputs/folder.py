@@ -46,6 +46,7 @@ KEY = re.compile(r"^[0-9a-f]{8,64}$")
 _EXT = re.compile(r"^[a-z0-9]{1,8}$")
 _EXTRA_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STATUSES = ("ok", "error", "skipped")
+ROW_GROUP_ROWS = 10_000
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _STRINGS = pa.list_(pa.string())
 
@@ -208,9 +209,13 @@ class OutputDir:
         return self.write_results_table(results_table(rows), name)
 
     def write_results_table(self, table: pa.Table, name: str | None = None) -> str:
-        """Commit a table as one results part, stamped with the schema version, atomically."""
+        """Commit a table as one results part, stamped with the schema version, atomically.
+
+        Row groups of `ROW_GROUP_ROWS`: a streaming reader (the results view, export) holds one row
+        group at a time, so a compacted part of a million rows never has to be decoded whole.
+        """
         buf = io.BytesIO()
-        pq.write_table(results_parts.stamp(table), buf)
+        pq.write_table(results_parts.stamp(table), buf, row_group_size=ROW_GROUP_ROWS)
         name = name or f"part-{results_parts.timestamp()}-{uuid.uuid4().hex[:12]}.parquet"
         return self.write_bytes_atomic(self.path("results", name), buf.getvalue())
 

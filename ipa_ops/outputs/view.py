@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ipa_ops.errors import UserError
@@ -35,7 +36,9 @@ from ipa_ops.outputs.folder import OutputDir
 
 PART, ROW = "_ipa_part", "_ipa_row"  # where a row was written: part index (name order), row in the part
 READ_BATCH = 8192
+STREAM_BUFFER = 1 << 20  # read column chunks in 1 MiB pieces: a big row group (a compacted part) never whole
 _NONE = np.array([], np.int64)
+_NO_TIME = -(2**62)  # a missing finished_at sorts before every time, as in `folder.latest`
 Extra = pa.Table | pa.RecordBatchReader
 
 
@@ -130,23 +133,19 @@ class ResultsView:
     def _latest(self) -> dict[int, np.ndarray]:
         """Per part, the sorted row numbers holding a key's latest attempt (by finished_at, part, row).
 
-        Computed once from two columns of every part, so the cost in memory is a few bytes per row
-        (the full rows are only ever streamed); DuckDB spills the ranking if it outgrows its limit.
+        Computed once from two columns of every part, held as a key index and three numbers per row
+        (tens of bytes a row; the full rows are only ever streamed).
         """
         if self._winners is None:
-            narrow = pa.schema([self.schema.field("row_key"), self.schema.field("finished_at")])
-            narrow = narrow.append(self.schema.field(PART)).append(self.schema.field(ROW))
-            self.con.register("keys", pa.RecordBatchReader.from_batches(narrow, self._batches(narrow)))
-            found = self.con.sql(
-                f"SELECT {PART}, {ROW} FROM (SELECT {PART}, {ROW}, row_number() OVER (PARTITION BY row_key "
-                f"ORDER BY finished_at DESC NULLS LAST, {PART} DESC, {ROW} DESC) AS rank FROM keys "
-                f"WHERE row_key IS NOT NULL AND row_key <> '') WHERE rank = 1 ORDER BY {PART}, {ROW}"
-            ).to_arrow_table()
-            self.con.unregister("keys")
-            parts = found.column(PART).to_numpy()
-            rows = found.column(ROW).to_numpy()
-            bounds = np.searchsorted(parts, np.arange(len(self.parts) + 1))
-            self._winners = {i: rows[bounds[i] : bounds[i + 1]] for i in range(len(self.parts))}
+            narrow = pa.schema([self.schema.field(n) for n in ("row_key", "finished_at", PART, ROW)])
+            keys, times, parts, rows = [], [], [], []
+            for batch in self._batches(narrow):
+                keys.append(batch.column("row_key"))
+                stamp = batch.column("finished_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+                times.append(pc.fill_null(stamp, _NO_TIME).to_numpy())
+                parts.append(batch.column(PART).to_numpy())
+                rows.append(batch.column(ROW).to_numpy())
+            self._winners = _latest_rows(keys, times, parts, rows, len(self.parts))
         return self._winners
 
     def _batches(self, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
@@ -158,7 +157,8 @@ class ResultsView:
             try:
                 with self.out.fs.open(path, "rb") as f:
                     wanted = [c for c in columns if c in part_schema.names]
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH, columns=wanted):
+                    parquet = pq.ParquetFile(f, buffer_size=STREAM_BUFFER, pre_buffer=False)
+                    for batch in parquet.iter_batches(batch_size=READ_BATCH, columns=wanted):
                         yield _conform(batch, schema, index, row)
                         row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
@@ -240,6 +240,27 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, part: int, first_row: int
         else:
             arrays.append(pa.nulls(n, field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _latest_rows(
+    keys: list[pa.Array], times: list[np.ndarray], parts: list[np.ndarray], rows: list[np.ndarray], n_parts: int
+) -> dict[int, np.ndarray]:
+    """The last (time, part, row) of each key, as sorted row numbers per part; blank keys never win."""
+    if not keys:
+        return {}
+    key = pa.chunked_array(keys, pa.string()).combine_chunks()
+    valid = pc.and_(pc.is_valid(key), pc.not_equal(key, "")).fill_null(False).to_numpy(zero_copy_only=False)
+    index = pc.dictionary_encode(key).indices.to_numpy(zero_copy_only=False)[valid]
+    del key
+    time, part, row = (np.concatenate(a)[valid] for a in (times, parts, rows))
+    order = np.lexsort((row, part, time, index))  # by key, then time, part, row: a key's last attempt last
+    index = index[order]
+    last = order[np.append(index[1:] != index[:-1], True)] if len(order) else order
+    part, row = part[last], row[last]
+    by_place = np.lexsort((row, part))
+    part, row = part[by_place], row[by_place].astype(np.int64)
+    bounds = np.searchsorted(part, np.arange(n_parts + 1))
+    return {i: row[bounds[i] : bounds[i + 1]] for i in range(n_parts)}
 
 
 def _rows_of(winners: np.ndarray, batch: pa.RecordBatch) -> np.ndarray:
