@@ -12,6 +12,11 @@ rows whole would need at least, before any image.
 
 Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per export and one
 `whole: rows=<n> read_results_rss_gb=<g>` line per size.
+
+`--view-sizes 100000 1000000` measures the row selection alone (the driver's share of an export:
+`results_view(...).select("status = 'ok'")` streamed to the end) on results parts of that many
+rows without images (a 10^4-row compacted part copied with new keys), printing
+`view: rows=<n> seconds=<s> rss_gb=<g> base_rss_gb=<g>` (base: after imports, before reading).
 """
 
 from __future__ import annotations
@@ -38,6 +43,18 @@ from ipa_ops.outputs.folder import OutputDir  # noqa: E402
 def measure(kind: str, uri: str, dest: str) -> dict:
     """One measurement in this (fresh) process: an export in format `kind`, or `whole`."""
     t0 = time.perf_counter()
+    if kind == "view":
+        from ipa_ops.outputs.view import results_view
+
+        base = peak_rss_gb()
+        with results_view(uri) as view:
+            rows = sum(batch.num_rows for batch in view.select("status = 'ok'"))
+        return {
+            "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "rss_gb": round(peak_rss_gb(), 3),
+            "base_gb": round(base, 3),
+        }
     if kind == "whole":
         rows = len(OutputDir(uri).read_results())
     else:
@@ -75,10 +92,33 @@ def bench(n: int, root: Path, formats: list[str]) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def results_only(n: int, root: Path) -> Path:
+    """Results parts of `n` rows (copies of one 10^4-row part, new keys), no images: view input."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from bench_outputs import _row
+
+    folder = root / f"view-{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    out = OutputDir(str(folder))
+    template = min(n, 10_000)
+    out.append_results([_row(i, k, out, "2025-01-01T00:00:00Z") for i, k in enumerate(keys_for(template))])
+    (first,) = (folder / "results").glob("*.parquet")
+    table = pq.read_table(first)
+    first.unlink()
+    for copy in range(n // template):
+        keyed = pc.binary_join_element_wise(table.column("row_key"), pa.scalar(f"{copy:05x}"), "")
+        part = table.set_column(table.schema.get_field_index("row_key"), "row_key", keyed)
+        out.write_results_table(part, f"part-20250101T000000{copy:06d}Z-r{copy:05x}-c{copy:08x}.parquet")
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--formats", nargs="+", default=["webdataset", "parquet", "imagefolder"])
+    parser.add_argument("--view-sizes", type=int, nargs="*", default=[], help="row selection alone at these sizes")
     parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
@@ -92,6 +132,12 @@ def main() -> int:
     try:
         for n in args.sizes:
             bench(n, root, args.formats)
+        for n in args.view_sizes:
+            folder = results_only(n, root)
+            found = _child("view", str(folder), "")
+            assert found["rows"] == n, found
+            print(f"view: rows={n} seconds={found['seconds']} rss_gb={found['rss_gb']} base_rss_gb={found['base_gb']}")
+            shutil.rmtree(folder, ignore_errors=True)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
