@@ -30,7 +30,8 @@ def _export(args: argparse.Namespace) -> int:
     )
     found = run_export(args.output, args.dest, options)
     print(
-        f"{args.dest}: {found['rows']} rows as {found['format']} in {len(found['files'])} file(s)"
+        f"{args.dest}: {found['rows']} rows as {found['format']} in {len(found['files'])} "
+        + ("folder(s)" if found["format"] == "imagefolder" else "file(s)")
         + (f"; {found['missing_images']} row(s) skipped, their image files are gone" if found["missing_images"] else "")
     )
     return 0
