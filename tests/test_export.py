@@ -249,6 +249,7 @@ def test_generic_nested_columns_latest_attempt_and_missing_images(tmp_path: Path
         table = view.select("status = 'ok'").read_all()
     assert sorted(table.column("id").to_pylist()) == ["s0", "s1", "s2", "s3"]  # s1: its later, ok attempt
     assert pa.types.is_struct(table.schema.field("x_request").type)
+    assert table.schema.field("finished_at").type == pa.timestamp("us", tz="UTC")  # as the parts spell it
 
     found = run_export(out.uri, str(tmp_path / "wds"), ExportOptions(format="webdataset"))
     assert (found["rows"], found["missing_images"]) == (3, 1)

@@ -128,7 +128,7 @@ class ResultsView:
             found = self.con.sql(sql).to_arrow_table()
         except duckdb.Error as exc:
             raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
-        return found.drop_columns([PART, ROW])
+        return _source_times(found.drop_columns([PART, ROW]), self.schema)
 
     def _latest(self) -> dict[int, np.ndarray]:
         """Per part, the sorted row numbers holding a key's latest attempt (by finished_at, part, row).
@@ -261,6 +261,17 @@ def _latest_rows(
     part, row = part[by_place], row[by_place].astype(np.int64)
     bounds = np.searchsorted(part, np.arange(n_parts + 1))
     return {i: row[bounds[i] : bounds[i + 1]] for i in range(n_parts)}
+
+
+def _source_times(table: pa.Table, source: pa.Schema) -> pa.Table:
+    """Timestamps in the parts' own time zone spelling (DuckDB hands UTC back as `Etc/UTC`)."""
+    fields = []
+    for field in table.schema:
+        kind = source.field(field.name).type if field.name in source.names else field.type
+        same_instant = pa.types.is_timestamp(field.type) and pa.types.is_timestamp(kind) and field.type != kind
+        fields.append(field.with_type(kind) if same_instant and field.type.unit == kind.unit else field)
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return table if schema.equals(table.schema) else table.cast(schema)
 
 
 def _rows_of(winners: np.ndarray, batch: pa.RecordBatch) -> np.ndarray:
