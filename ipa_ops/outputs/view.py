@@ -8,10 +8,10 @@ there), nested structs and lists stay nested. Extra per-row-key tables (scores, 
 with one call: each has a `row_key` column and at most one row per key; its other columns appear
 beside the results columns and can be filtered on like them.
 
-It is computed in two streamed passes, so memory grows by a few bytes per row, never by a row:
-1. two columns of every part (`row_key`, `finished_at`) go through DuckDB, which ranks each key's
-   attempts (by `finished_at`, then part and row order, as `folder.latest` does) and keeps only
-   the (part, row) of the latest; DuckDB holds its memory under `memory_limit` and spills beyond;
+It is computed in two streamed passes, so the full rows are never held, only an index:
+1. two columns of every part (`row_key`, `finished_at`) are read and each key's latest attempt
+   (by `finished_at`, then part and row order, as `folder.latest` does) is found with a numpy
+   sort over a key index and three numbers a row (~150-250 bytes a row at its peak);
 2. the parts are read again batch by batch; each batch keeps its latest rows, gets the extra
    tables joined and `where` applied by DuckDB, and goes out as Arrow, in written order.
 

@@ -1,13 +1,13 @@
 """`ipa export` on Ray Data: select rows on the driver (streamed), write shards in parallel tasks.
 
-    results parts ─► results view (DuckDB, streamed: latest per key, --where, --limit)
+    results parts ─► results view (streamed: latest per key, extra tables, --where via DuckDB, --limit)
         ─► staged selection files (records only, no images; `selection_rows` rows each)
         ─► ray.data.read_parquet (parallel reads) ─► map_batches(write_shard) (parallel writes:
            each task reads its rows' images one by one and streams them into its shard)
         ─► shard entries (a few per shard) ─► commit: numbered names, manifest, one rename to DEST
 
-The driver never holds images, and rows only one record batch at a time: the view streams out of
-DuckDB (which keeps its own memory under a limit and spills beyond it) into the staged files.
+The driver never holds images, and records only one batch at a time (the view streams them into
+the staged files); what grows with the rows is the view's index of each key's latest attempt.
 """
 
 from __future__ import annotations
