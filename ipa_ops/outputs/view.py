@@ -11,7 +11,7 @@ beside the results columns and can be filtered on like them.
 It is computed in two streamed passes, so the full rows are never held, only an index:
 1. two columns of every part (`row_key`, `finished_at`) are read and each key's latest attempt
    (by `finished_at`, then part and row order, as `folder.latest` does) is found with a numpy
-   sort over a key index and three numbers a row (~150-250 bytes a row at its peak);
+   sort over five numbers a row (a 128-bit digest of the key, time, part, row);
 2. the parts are read again batch by batch; each batch keeps its latest rows, gets the extra
    tables joined and `where` applied by DuckDB, and goes out as Arrow, in written order.
 
@@ -22,6 +22,7 @@ filter can only read the view.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -133,19 +134,24 @@ class ResultsView:
     def _latest(self) -> dict[int, np.ndarray]:
         """Per part, the sorted row numbers holding a key's latest attempt (by finished_at, part, row).
 
-        Computed once from two columns of every part, held as a key index and three numbers per row
-        (tens of bytes a row; the full rows are only ever streamed).
+        Computed once from two columns of every part and held as five numbers a row: the key as a
+        128-bit digest (two words; a collision among 10^9 keys has odds ~10^-21), time, part, row.
         """
         if self._winners is None:
             narrow = pa.schema([self.schema.field(n) for n in ("row_key", "finished_at", PART, ROW)])
-            keys, times, parts, rows = [], [], [], []
+            columns: list[list[np.ndarray]] = [[], [], [], [], []]
             for batch in self._batches(narrow):
-                keys.append(batch.column("row_key"))
+                keys = batch.column("row_key").to_pylist()
+                valid = np.array([bool(k) for k in keys], bool)
+                digests = b"".join(_digest(k) for k in keys if k)
+                words = np.frombuffer(digests, np.uint64).reshape(-1, 2)
                 stamp = batch.column("finished_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-                times.append(pc.fill_null(stamp, _NO_TIME).to_numpy())
-                parts.append(batch.column(PART).to_numpy())
-                rows.append(batch.column(ROW).to_numpy())
-            self._winners = _latest_rows(keys, times, parts, rows, len(self.parts))
+                columns[0].append(words[:, 0])
+                columns[1].append(words[:, 1])
+                columns[2].append(pc.fill_null(stamp, _NO_TIME).to_numpy()[valid])
+                columns[3].append(batch.column(PART).to_numpy()[valid])
+                columns[4].append(batch.column(ROW).to_numpy()[valid])
+            self._winners = _latest_rows(columns, len(self.parts))
         return self._winners
 
     def _batches(self, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
@@ -242,25 +248,24 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, part: int, first_row: int
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _latest_rows(
-    keys: list[pa.Array], times: list[np.ndarray], parts: list[np.ndarray], rows: list[np.ndarray], n_parts: int
-) -> dict[int, np.ndarray]:
-    """The last (time, part, row) of each key, as sorted row numbers per part; blank keys never win."""
-    if not keys:
+def _latest_rows(columns: list[list[np.ndarray]], n_parts: int) -> dict[int, np.ndarray]:
+    """The last (time, part, row) of each key (two digest words), as sorted row numbers per part."""
+    if not columns[0]:
         return {}
-    key = pa.chunked_array(keys, pa.string()).combine_chunks()
-    valid = pc.and_(pc.is_valid(key), pc.not_equal(key, "")).fill_null(False).to_numpy(zero_copy_only=False)
-    index = pc.dictionary_encode(key).indices.to_numpy(zero_copy_only=False)[valid]
-    del key
-    time, part, row = (np.concatenate(a)[valid] for a in (times, parts, rows))
-    order = np.lexsort((row, part, time, index))  # by key, then time, part, row: a key's last attempt last
-    index = index[order]
-    last = order[np.append(index[1:] != index[:-1], True)] if len(order) else order
+    high, low, time, part, row = (np.concatenate(c) for c in columns)
+    order = np.lexsort((row, part, time, low, high))  # by key, then time, part, row: a key's last attempt last
+    high, low = high[order], low[order]
+    changes = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+    last = order[np.append(changes, True)] if len(order) else order
     part, row = part[last], row[last]
     by_place = np.lexsort((row, part))
     part, row = part[by_place], row[by_place].astype(np.int64)
     bounds = np.searchsorted(part, np.arange(n_parts + 1))
     return {i: row[bounds[i] : bounds[i + 1]] for i in range(n_parts)}
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 def _source_times(table: pa.Table, source: pa.Schema) -> pa.Table:
