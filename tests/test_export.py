@@ -168,6 +168,28 @@ def test_where_on_joined_columns_and_null_checks(run_out: Path, tmp_path: Path) 
     assert "clip_t" in table.column_names and "dup_of" in table.column_names
 
 
+def test_the_cli_filters_on_the_outputs_own_scores(run_out: Path, tmp_path: Path) -> None:
+    import shutil
+    from datetime import UTC, datetime
+
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.outputs.scores import write_score_part
+
+    scored = tmp_path / "scored"
+    shutil.copytree(run_out, scored)
+    ok = sorted(_results(run_out).query("status == 'ok'").index)
+    when = datetime.now(UTC)
+    records = [
+        {"row_key": key, "id": "x", "scorer": "clip_t@0", "name": "clip_t", "metric": "clip_t", "value": value,
+         "scored_at": when}
+        for key, value in zip(ok[:2], [0.9, 0.1], strict=True)
+    ]  # fmt: skip
+    write_score_part(OutputDir(str(scored)), records)
+    assert main(["export", str(scored), str(tmp_path / "s"), "--format", "parquet", "--where", "clip_t >= 0.5"]) == 0
+    table = pq.read_table(next((tmp_path / "s").glob("*.parquet")), columns=["row_key", "clip_t"])
+    assert table.column("row_key").to_pylist() == [ok[0]] and table.column("clip_t").to_pylist() == [0.9]
+
+
 def test_bad_where_is_one_line_and_leaves_nothing(
     run_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

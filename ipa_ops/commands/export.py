@@ -12,12 +12,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("output", help="output directory (local path or fsspec URI)")
     export.add_argument("dest", help="folder to create (local; must not exist or be empty)")
     export.add_argument("--format", required=True, choices=FORMATS)
-    export.add_argument("--where", help="SQL condition on results columns, e.g. \"id like 'a%%' and seed < 9\"")
+    export.add_argument(
+        "--where", help="SQL condition on results and score columns, e.g. \"clip_i_min >= 0.6 and dup_of is null\""
+    )
     export.add_argument("--limit", type=int, help="at most this many rows")
     export.add_argument("--shard-bytes", type=int, help="webdataset: target shard size in bytes (default ~1 GB)")
     export.add_argument("--file-bytes", type=int, help="parquet: target file size in bytes (default ~500 MB)")
     export.add_argument("--folder-files", type=int, help="imagefolder: images per subfolder (default 1000)")
     export.set_defaults(func=_export)
+
+
+def score_columns(output: str) -> list:
+    """The output's scores (one column per metric, each scorer's latest id) as a table to join, if any."""
+    import pyarrow as pa
+
+    from ipa_ops.outputs.scores import scores_table
+
+    scores = scores_table(output)
+    return [pa.Table.from_pandas(scores.drop(columns=["id"]), preserve_index=False)] if len(scores) else []
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -28,7 +40,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         format=args.format, where=args.where, limit=args.limit, **{k: v for k, v in given.items() if v is not None}
     )
-    found = run_export(args.output, args.dest, options)
+    found = run_export(args.output, args.dest, options, extra=score_columns(args.output))
     print(
         f"{args.dest}: {found['rows']} rows as {found['format']} in {len(found['files'])} "
         + ("folder(s)" if found["format"] == "imagefolder" else "file(s)")
