@@ -61,9 +61,12 @@ def _rescheduled(rows: list[RowRequest]) -> list[RowRequest]:
     return out
 
 
-def _check_one_graph(compiled: Generator, eager: Generator, rows: list[RowRequest]) -> None:
+def _check_one_graph(compiled: Generator, eager: Generator, rows: list[RowRequest], check_first: bool = False) -> None:
     first = compiled.run_batch(rows)
     assert [o.error for o in first] == [""] * len(rows)
+    if check_first:  # the rows as given, not only their rescheduled copies, equal the eager UNet's
+        for row, out, ref in zip(rows, first, eager.run_batch(rows), strict=True):
+            assert np.abs(out.image - ref.image).max() < 2e-3, row.id  # type: ignore[operator]
     assert dict(counters["graph_break"]) == {}
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0  # it did compile
@@ -84,6 +87,19 @@ def test_mixed_batch_compiles_once_without_graph_breaks(
     """Masks, two adapters, padded image counts, presets, step windows and a row without adapters."""
     rows = _mixed_rows(ref_style, zoo_dir)
     _check_one_graph(_compiled(_flow(zoo_dir), how), Generator(_flow(zoo_dir), device="cpu"), rows)
+
+
+def test_comfyui_controls_compile_once_without_graph_breaks(
+    zoo_dir: Path, ref_style: StableDiffusionPipeline, dynamo: None
+) -> None:
+    """Precise swaps, embeds scalings and sigma windows are per-row data in the graph, not branches."""
+    from test_comfyui import _control_row
+    from test_generator import _embeds, _refs
+
+    emb = _embeds(ref_style, [_refs(1)])[0]
+    rows = [_control_row(ref_style, i, emb) for i in (1, 2, 5, 6)]
+    eager = Generator(_flow(zoo_dir), device="cpu")
+    _check_one_graph(_compiled(_flow(zoo_dir), "whole"), eager, rows, check_first=True)
 
 
 def _faceid_flow(zoo: Path) -> Flow:

@@ -9,6 +9,11 @@ same thing per sample instead, reading everything that varies from a shared `IPB
 - `token_valid[adapter]`: [B, n_images] which image slots are real (others are padding);
 - `masks[adapter]`: [B, n_images, H, W] region masks, used for rows whose `masked` flag is set.
 
+- `uncond_image`: [B, A, L] where a ComfyUI "precise" weight type puts the row's image on the
+  unconditional side at a layer (its conditional side then adds nothing there);
+- `embeds_scaling`: [B, A] ComfyUI's embeds scaling per row (`V only`, `K+V`, `K+V w/ C penalty`,
+  `K+mean(V) w/ C penalty`), applied to the cached keys and values, so projections still run once.
+
 For a sample with no masks the adapter's images are attended jointly (one softmax over all
 their tokens, diffusers' concat behaviour); with masks each image is attended separately and
 weighted by its downsampled mask, as diffusers does when `ip_adapter_masks` is given.
@@ -46,6 +51,8 @@ class IPBatchState:
     token_valid: list[torch.Tensor] = field(default_factory=list)  # per adapter [B, n]
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per adapter [B, n, H, W]
     masked: torch.Tensor | None = None  # [B, A] bool: row uses region masks for this adapter
+    uncond_image: torch.Tensor | None = None  # [B, A, L] bool: image on the unconditional side (precise types)
+    embeds_scaling: torch.Tensor | None = None  # [B, A] long: index into EMBEDS_SCALING
     step_index: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     cache_kv: bool = True
     resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called by prepare()
@@ -58,6 +65,8 @@ class IPBatchState:
     padded: list[bool] = field(default_factory=list)  # per adapter: some image slot is padding
     any_masked: list[bool] = field(default_factory=list)  # per adapter: some row uses region masks
     all_masked: list[bool] = field(default_factory=list)  # per adapter: every row does
+    any_uncond: list[bool] = field(default_factory=list)  # per adapter: some row swaps a layer
+    any_scaling: list[bool] = field(default_factory=list)  # per adapter: some row scales K (not V only)
     _kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _distinct: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
 
@@ -73,6 +82,15 @@ class IPBatchState:
         self.padded = [not bool(v.all()) for v in self.token_valid]
         self.any_masked = [m is not None and bool(masked[:, a].any()) for a, m in enumerate(self.masks)]
         self.all_masked = [m is not None and bool(masked[:, a].all()) for a, m in enumerate(self.masks)]
+        rows, adapters, layers = self.layer_scales.shape
+        if self.uncond_image is None:
+            self.uncond_image = torch.zeros(rows, adapters, layers, dtype=torch.bool)
+        if self.embeds_scaling is None:
+            self.embeds_scaling = torch.zeros(rows, adapters, dtype=torch.long)
+        self.any_uncond = self.uncond_image.any(dim=2).any(dim=0).tolist()
+        self.any_scaling = (self.embeds_scaling != 0).any(dim=0).tolist()
+        self.uncond_image = self.uncond_image.to(device)
+        self.embeds_scaling = self.embeds_scaling.to(device)
         self.table = table.to(device)
         self.masked = masked.to(device)
         self.token_valid = [v.to(device) for v in self.token_valid]
@@ -110,9 +128,45 @@ class IPBatchState:
             self._distinct[adapter] = (keep, back) if same and rows > 1 else None
         return self._distinct[adapter]
 
+    def precise(
+        self, adapter: int, layer: torch.Tensor, ip_key: torch.Tensor, ip_value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ComfyUI's precise swap at this layer: rows flagged here take their image's keys and values on the
+        unconditional half, and their conditional half adds nothing (ComfyUI zeros its tokens; the IP
+        projections have no bias, so zero tokens attend to zero values). Returns (keys, values, keep [batch]).
+
+        A gather with a per-row index, not a branch: the same graph serves every batch."""
+        assert self.uncond_image is not None
+        swap = self.uncond_image[:, adapter].index_select(1, layer)[:, 0]  # [rows]
+        rows, batch = swap.shape[0], ip_key.shape[0]
+        keep = (~swap).to(ip_key.dtype)
+        if batch == rows:  # no guidance: only the conditional side, which the swap empties
+            return ip_key, ip_value, keep
+        own = torch.arange(rows, device=swap.device)
+        index = torch.cat([torch.where(swap, own + rows, own), own + rows])  # [negative half; positive half]
+        keep = torch.cat([torch.ones_like(keep), keep])
+        return ip_key.index_select(0, index), ip_value.index_select(0, index), keep
+
+    def kv_scaling(self, adapter: int, scale: torch.Tensor, inner: int) -> tuple[torch.Tensor, ...]:
+        """Per-sample (key factor, value factor, value-mean factor, output factor) of ComfyUI's embeds scaling.
+
+        `V only` scales the attention output; `K+V` scales keys and values; the `C penalty` modes first
+        multiply the weight by inner_dim / 1280; `K+mean(V)` scales only the values' mean over tokens."""
+        assert self.embeds_scaling is not None
+        mode = self.rows(self.embeds_scaling[:, adapter], scale.shape[0])
+        one = torch.ones_like(scale)
+        weight = scale * torch.where(mode >= 2, one * (inner / 1280.0), one)
+        key = torch.where(mode == 0, one, weight)
+        value = torch.where((mode == 1) | (mode == 2), weight, one)
+        mean = torch.where(mode == 3, weight - 1, one * 0)
+        return key, value, mean, torch.where(mode == 0, scale, one)
+
     def rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
         """Repeat a per-row tensor over the CFG halves of a UNet batch."""
         return tensor.repeat((batch // tensor.shape[0],) + (1,) * (tensor.ndim - 1))
+
+
+EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")  # ComfyUI's names
 
 
 class StepCounter:
@@ -229,22 +283,34 @@ class BatchedIPAttnProcessor(torch.nn.Module):
             if tokens.ndim == 3:  # [B, n*T, C] projections without an image axis
                 tokens = tokens.unsqueeze(1)
             ip_key, ip_value = self._kv(adapter, tokens)
+            keep = None
+            if state.general or state.any_uncond[adapter]:
+                ip_key, ip_value, keep = state.precise(adapter, self.layer_index, ip_key, ip_value)
+            factors = None
+            if state.general or state.any_scaling[adapter]:
+                *factors, scale = state.kv_scaling(adapter, scale, ip_key.shape[-1])
+            if keep is not None:
+                scale = scale * keep
             n_images, n_tokens = ip_key.shape[1], ip_key.shape[2]
             regional_rows = state.masks[adapter] is not None  # a shape fact: some row of the call has masks
             out = torch.zeros_like(total)
             if state.general or not state.all_masked[adapter]:
-                keys = ip_key.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
-                values = ip_value.reshape(batch, n_images * n_tokens, attn.heads, head_dim).transpose(1, 2)
-                token_mask = None
+                keys = ip_key.reshape(batch, n_images * n_tokens, -1)
+                values = ip_value.reshape(batch, n_images * n_tokens, -1)
+                token_mask = valid = None
                 if state.general or state.padded[adapter]:
-                    valid = state.rows(state.token_valid[adapter], batch)  # [batch, n]
-                    token_mask = valid.repeat_interleave(n_tokens, dim=1)[:, None, None, :]
+                    valid = state.rows(state.token_valid[adapter], batch).repeat_interleave(n_tokens, dim=1)
+                    token_mask = valid[:, None, None, :]
+                if factors is not None:
+                    keys, values = _scaled(keys, values, factors, valid)
+                keys = keys.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                values = values.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
                 joint = F.scaled_dot_product_attention(query, keys, values, attn_mask=token_mask)
                 out = joint.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
             if regional_rows and (state.general or state.any_masked[adapter]):
                 assert state.masked is not None
                 masked = state.rows(state.masked[:, adapter], batch)
-                regional = self._masked_attention(attn, query, ip_key, ip_value, adapter, batch, head_dim)
+                regional = self._masked_attention(attn, query, ip_key, ip_value, adapter, batch, head_dim, factors)
                 out = torch.where(masked[:, None, None], regional, out)
             total = total + scale[:, None, None] * out
         return total
@@ -258,8 +324,10 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         adapter: int,
         batch: int,
         head_dim: int,
+        factors: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Each image attended alone and weighted by its region mask (diffusers' masked path)."""
+        """Each image attended alone and weighted by its region mask (diffusers' masked path); embeds
+        scaling, when some row uses it, scales each image's keys and values (its own token mean)."""
         state = self.state
         assert state is not None
         masks = state.masks[adapter]
@@ -267,8 +335,11 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         masks = state.rows(masks, batch)  # [batch, n, H, W]
         out = None
         for i in range(ip_key.shape[1]):
-            keys = ip_key[:, i].reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            values = ip_value[:, i].reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            keys, values = ip_key[:, i], ip_value[:, i]
+            if factors is not None:
+                keys, values = _scaled(keys, values, factors, None)
+            keys = keys.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            values = values.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
             part = F.scaled_dot_product_attention(query, keys, values)
             part = part.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
             weight = IPAdapterMaskProcessor.downsample(masks[:, i], batch, part.shape[1], 1)
@@ -276,6 +347,21 @@ class BatchedIPAttnProcessor(torch.nn.Module):
             out = part if out is None else out + part
         assert out is not None
         return out
+
+
+def _scaled(
+    keys: torch.Tensor, values: torch.Tensor, factors: list[torch.Tensor], valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, tokens, inner] keys and values under per-sample embeds-scaling factors (`kv_scaling`).
+
+    The values' mean is over the sample's real tokens (padding slots excluded), as the row alone has them."""
+    key, value, mean_factor = (f.to(values.dtype)[:, None, None] for f in factors)
+    if valid is None:
+        mean = values.mean(dim=1, keepdim=True)
+    else:
+        weight = valid.to(values.dtype)[..., None]
+        mean = (values * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1)
+    return keys * key, values * value + mean * mean_factor
 
 
 def install(unet: Any) -> list[str]:

@@ -29,6 +29,7 @@ class AdapterInput:
     clip_embeds: torch.Tensor | None = None  # FaceID-Plus: [n, T, H] CLIP hidden states of the face crops
     clip_negative: torch.Tensor | None = None  # FaceID-Plus: their unconditional side, same shape
     shortcut_scale: float | None = None  # FaceID-Plus v2: this row's shortcut scale (None: the flow's)
+    embeds_scaling: str = "V only"  # ComfyUI's embeds scaling (attention.EMBEDS_SCALING)
 
 
 @dataclass

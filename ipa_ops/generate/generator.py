@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from ipa_ops.flow.models import ModelSpec
-from ipa_ops.flow.schedules import ScheduleSpec, schedule_hash, step_profile
+from ipa_ops.flow.schedules import NoiseLevels, ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
 from ipa_ops.flow.spec import AdapterSpec, Flow
 from ipa_ops.generate import attention, faceid, loras, memory, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
 from ipa_ops.generate.contract import RowOutput, RowRequest
 from ipa_ops.generate.families import family_of
-from ipa_ops.generate.families.base import ModelFamily, effective, layer_profile
+from ipa_ops.generate.families.base import ModelFamily, effective, layer_scales
 from ipa_ops.generate.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,9 @@ class Generator:
         """Pad each adapter's images across rows and build the per-sample state; per-adapter [rows, ...]
         positive and negative embeddings, on the device in the denoiser's dtype."""
         n_rows, n_adapters, n_layers = len(rows), len(loaded.adapters), len(loaded.layer_names)
-        layer_scales = torch.zeros(n_rows, n_adapters, n_layers)
+        scales = torch.zeros(n_rows, n_adapters, n_layers)
+        uncond_image = torch.zeros(n_rows, n_adapters, n_layers, dtype=torch.bool)
+        embeds_scaling = torch.zeros(n_rows, n_adapters, dtype=torch.long)
         specs: list[list[ScheduleSpec | None]] = [[None] * n_adapters for _ in rows]
         positives, negatives, valid, masks = [], [], [], []
         masked = torch.zeros(n_rows, n_adapters, dtype=torch.bool)
@@ -233,9 +235,9 @@ class Generator:
                 n = x.embeds.shape[0]
                 pos[b, :n], neg[b, :n], ok[b, :n] = x.embeds, x.negative, True
                 specs[b][a] = x.schedule
-                layer_scales[b, a] = torch.as_tensor(
-                    x.schedule.value * layer_profile(family, x.schedule, pipe, loaded.layer_names)
-                )
+                values, swapped = layer_scales(family, x.schedule, pipe, loaded.layer_names)
+                scales[b, a], uncond_image[b, a] = torch.as_tensor(values), torch.as_tensor(swapped)
+                embeds_scaling[b, a] = attention.EMBEDS_SCALING.index(x.embeds_scaling)
                 if x.masks is not None and region is not None:
                     region[b, :n] = x.masks
                     masked[b, a] = True
@@ -246,14 +248,18 @@ class Generator:
 
         def resolve_steps(num_steps: int) -> torch.Tensor:
             out = torch.zeros(n_rows, n_adapters, num_steps)
+            by_sigma = any(s is not None and s.by_sigma for row_specs in specs for s in row_specs)
+            noise = noise_levels(pipe) if by_sigma else None
             for b in range(n_rows):
                 for a in range(n_adapters):
                     if specs[b][a] is not None:
-                        out[b, a] = torch.as_tensor(step_profile(specs[b][a], num_steps))
+                        out[b, a] = torch.as_tensor(step_profile(specs[b][a], num_steps, noise))
             return out
 
         state = attention.IPBatchState(
-            layer_scales=layer_scales,
+            layer_scales=scales,
+            uncond_image=uncond_image,
+            embeds_scaling=embeds_scaling,
             token_valid=valid,
             masks=masks,
             masked=masked,
@@ -268,11 +274,23 @@ class Generator:
     def _schedule_hashes(self, loaded: LoadedModel, pipe: Any, row: RowRequest) -> dict[str, str]:
         """Hash of each adapter's effective [layers, steps] schedule, for provenance."""
         steps = pipe.num_timesteps
-        return {
-            x.alias: schedule_hash(effective(loaded.family, x.schedule, pipe, loaded.layer_names, steps))
-            for x in row.adapters
-            if x.alias in loaded.adapters
-        }
+        noise = noise_levels(pipe) if any(x.schedule.by_sigma for x in row.adapters) else None
+        hashes = {}
+        for x in row.adapters:
+            if x.alias not in loaded.adapters:
+                continue
+            array = effective(loaded.family, x.schedule, pipe, loaded.layer_names, steps, noise)
+            swapped = layer_scales(loaded.family, x.schedule, pipe, loaded.layer_names)[1]
+            if swapped.any():  # precise weight types: which layers carry the image on the unconditional side
+                array = np.concatenate([array, swapped[:, None].astype(np.float64)], axis=1)
+            hashes[x.alias] = schedule_hash(array)
+        return hashes
+
+
+def noise_levels(pipe: Any) -> NoiseLevels:
+    """The noise level of each step of the pipeline's scheduler, as set for the current call."""
+    scheduler = pipe.scheduler
+    return NoiseLevels.of(scheduler.timesteps.cpu().numpy(), scheduler.alphas_cumprod.cpu().numpy())
 
 
 def compile_plan(spec: ModelSpec, device: str) -> tuple[str, str] | None:

@@ -155,6 +155,10 @@ def spread_over_frames(state: IPBatchState, row: RowRequest) -> None:
     state.masks = [m.repeat_interleave(frames, 0) if m is not None else None for m in state.masks]
     if state.masked is not None:
         state.masked = state.masked.repeat_interleave(frames, 0)
+    if state.uncond_image is not None:
+        state.uncond_image = state.uncond_image.repeat_interleave(frames, 0)
+    if state.embeds_scaling is not None:
+        state.embeds_scaling = state.embeds_scaling.repeat_interleave(frames, 0)
     per_row = state.resolve_steps
     state.resolve_steps = lambda steps: per_row(steps).repeat_interleave(frames, 0)
 

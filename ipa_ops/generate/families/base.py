@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ipa_ops.flow.schedules import ScheduleSpec, step_profile
+from ipa_ops.flow.schedules import NoiseLevels, ScheduleSpec, step_profile
+from ipa_ops.generate import weight_types
 from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
 
@@ -114,8 +115,25 @@ def layer_profile(family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_name
     return np.asarray(family.expand_layers(pipe, blocks, layer_names))
 
 
+def layer_scales(
+    family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """([layers] scale, [layers] bool image on the unconditional side) of a schedule, `value` included.
+
+    A ComfyUI `weight_type` gives its own per-layer weights (and the precise types' swapped layers);
+    every other form is `value` times the layer profile, with nothing swapped."""
+    if spec.weight_type is not None:
+        return weight_types.layer_weights(family.name, spec, layer_names)
+    return spec.value * layer_profile(family, spec, pipe, layer_names), np.zeros(len(layer_names), dtype=bool)
+
+
 def effective(
-    family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_names: Sequence[str], num_steps: int
+    family: ModelFamily,
+    spec: ScheduleSpec,
+    pipe: Any,
+    layer_names: Sequence[str],
+    num_steps: int,
+    noise: NoiseLevels | None = None,
 ) -> np.ndarray:
-    """The [layers, steps] scale array of one adapter of one row."""
-    return spec.value * np.outer(layer_profile(family, spec, pipe, layer_names), step_profile(spec, num_steps))
+    """The [layers, steps] scale array of one adapter of one row (`noise`: the scheduler's, for sigma windows)."""
+    return np.outer(layer_scales(family, spec, pipe, layer_names)[0], step_profile(spec, num_steps, noise))
