@@ -230,3 +230,20 @@ def run(pipe: Any, row: ComfyRow, **call: Any) -> Any:
     finally:
         hook.remove()
         pipe.unet.set_attn_processor(original)
+
+
+def combine_embeds(embeds: torch.Tensor, method: str) -> torch.Tensor:
+    """IPAdapterCombineEmbeds.batch (and ipadapter_execute's combine_embeds) on [n, ...] embeddings."""
+    if method == "add":
+        return torch.sum(embeds, dim=0).unsqueeze(0)
+    if method == "subtract":
+        return (embeds[0] - torch.mean(embeds[1:], dim=0)).unsqueeze(0)
+    if method == "average":
+        return torch.mean(embeds, dim=0).unsqueeze(0)
+    if method == "norm average":
+        return torch.mean(embeds / torch.norm(embeds, dim=0, keepdim=True), dim=0).unsqueeze(0)
+    if method == "max":
+        return torch.max(embeds, dim=0).values.unsqueeze(0)
+    if method == "min":
+        return torch.min(embeds, dim=0).values.unsqueeze(0)
+    return embeds

@@ -1,10 +1,12 @@
 """Turn an adapter's stored embeddings, negatives and masks into what the generator consumes.
 
 - `combine` merges several reference images of one adapter: `concat` keeps them as separate
-  images (diffusers' behaviour: one attention over all their tokens); `average`, `add` and
-  `subtract` (first minus the rest) merge them into one; `norm_average` averages unit-length
-  embeddings and rescales the result to their mean length, so one large embedding cannot
-  dominate the blend.
+  images (diffusers' behaviour: one attention over all their tokens); the others merge them into
+  one as ComfyUI_IPAdapter_plus does: `average`, `add`, `subtract` (the first minus the *mean* of
+  the rest), `norm_average` (ComfyUI's "norm average", either spelling: each element divided by
+  its norm across the images, then averaged), `max` and `min` (per element). ipa's formulas before
+  ComfyUI's stay under their own names: `subtract_sum` (the first minus the sum of the rest) and
+  `unit_average` (unit-length embeddings averaged, rescaled to their mean length).
 - negatives replace the unconditional embedding (the zero / zero-image embedding diffusers uses).
 - masks follow `IPAdapterMaskProcessor`: resized to the output, binarised unless soft.
 """
@@ -16,7 +18,10 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
+COMBINE_MODES = ("concat", "average", "norm_average", "norm average", "add", "subtract", "max", "min")
+COMBINE_MODES += ("subtract_sum", "unit_average")
+# modes whose maths changed for ComfyUI's: row keys of several images carry the version (plan.py)
+_CHANGED = {"subtract": 2, "norm_average": 2, "norm average": 2}
 
 
 def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
@@ -28,11 +33,24 @@ def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "add":
         return embeds.sum(dim=0, keepdim=True)
     if mode == "subtract":
+        return embeds[:1] - embeds[1:].mean(dim=0, keepdim=True)
+    if mode in ("norm_average", "norm average"):
+        return (embeds / embeds.norm(dim=0, keepdim=True).clamp_min(1e-12)).mean(dim=0, keepdim=True)
+    if mode == "max":
+        return embeds.max(dim=0, keepdim=True).values
+    if mode == "min":
+        return embeds.min(dim=0, keepdim=True).values
+    if mode == "subtract_sum":
         return embeds[:1] - embeds[1:].sum(dim=0, keepdim=True)
-    if mode == "norm_average":
+    if mode == "unit_average":
         norms = embeds.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return (embeds / norms).mean(dim=0, keepdim=True) * norms.mean(dim=0, keepdim=True)
     raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {mode!r}")
+
+
+def combine_identity(mode: str, images: int) -> dict[str, int]:
+    """What a row key adds for a combine mode: its maths version where the maths of the name changed."""
+    return {"combine_version": _CHANGED[mode]} if mode in _CHANGED and images > 1 else {}
 
 
 def negatives(uncond: torch.Tensor, count: int, given: torch.Tensor | None, mode: str) -> torch.Tensor:

@@ -36,7 +36,10 @@ def to_bytes(row: RowRequest) -> bytes:
         for name in _OPTIONAL:
             if getattr(x, name) is not None:
                 tensors[f"a{i}.{name}"] = getattr(x, name).float().contiguous()
-        adapters.append({"alias": x.alias, "schedule": x.schedule.source, "shortcut_scale": x.shortcut_scale})
+        adapters.append(
+            {"alias": x.alias, "schedule": x.schedule.source, "shortcut_scale": x.shortcut_scale,
+             "embeds_scaling": x.embeds_scaling}
+        )  # fmt: skip
     meta["adapters"] = adapters
     return st_save(tensors, metadata={"row": json.dumps(meta)})
 
@@ -51,6 +54,7 @@ def from_bytes(data: bytes) -> RowRequest:
             negative=tensors[f"a{i}.negative"],
             schedule=parse_schedule(a["schedule"]),
             shortcut_scale=a.get("shortcut_scale"),
+            embeds_scaling=a.get("embeds_scaling", "V only"),
             **{name: tensors.get(f"a{i}.{name}") for name in _OPTIONAL},
         )
         for i, a in enumerate(meta.pop("adapters"))

@@ -45,6 +45,8 @@ class AdapterPlan:
     mask_fit: str | None = None
     soft_masks: bool = False
     face: dict[str, Any] | None = None  # FaceID-Plus: crop keys, their clip encoder, shortcut scale (faceid.py)
+    image_weights: list[float] | None = None  # per image, before combining (ComfyUI's IPAdapterEncoder weight)
+    embeds_scaling: str | None = None  # ComfyUI's embeds scaling; None: V only
 
 
 @dataclass
@@ -175,6 +177,8 @@ def plan_row(
                 mask_fit=getattr(ref, "mask_fit", None),
                 soft_masks=bool(getattr(ref, "soft_masks", False)),
                 face=face.plus if face is not None else None,
+                image_weights=list(ref.image_weights) if getattr(ref, "image_weights", None) else None,
+                embeds_scaling=_embeds_scaling(getattr(ref, "embeds_scaling", None)),
             )
         )
         adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"]))
@@ -189,7 +193,8 @@ def plan_row(
         "model_fingerprint": fingerprints[request["model"]],
         "adapters": [
             {
-                **{k: v for k, v in asdict(a).items() if not (k == "face" and v is None)},  # old keys stay
+                **{k: v for k, v in asdict(a).items() if not (k in _NEW_FIELDS and v is None)},  # old keys stay
+                **conditioning.combine_identity(a.combine, len(a.keys)),
                 "fingerprint": fingerprints[f"adapter:{a.alias}"],
                 "masks": [_sha(m) for m in a.masks],
                 "scale": json.dumps(a.scale, sort_keys=True),
@@ -249,6 +254,14 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, 
     }
 
 
+_NEW_FIELDS = ("face", "image_weights", "embeds_scaling")  # left out of row keys when unset: old keys stay
+
+
+def _embeds_scaling(value: str | None) -> str | None:
+    """ComfyUI's default (V only, diffusers' maths) is stored as unset, so old row keys stay."""
+    return None if value in (None, "", "V only") else value
+
+
 def _check_model(
     where: str, alias: str, facts: AdapterFacts, model: str, models: dict[str, Any] | None, flow: Flow
 ) -> None:
@@ -278,6 +291,8 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
     for i, a in enumerate(plan.adapters):
         assert store is not None
         embeds = torch.stack(store.get(a.keys, field=a.field))
+        if a.image_weights:  # ComfyUI's encoder weight: the image's embedding scaled, its negative not
+            embeds = embeds * torch.tensor(a.image_weights, dtype=embeds.dtype).view(-1, *[1] * (embeds.ndim - 1))
         given = torch.stack(store.get(a.negative_keys, field=a.field)) if a.negative_keys else None
         combined = conditioning.combine(embeds, a.combine)
         negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
@@ -293,7 +308,9 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
                     )
                 images.append(conditioning.fit_mask(mask, w, h, a.mask_fit))
             masks = conditioning.preprocess_masks(images, w, h, soft=a.soft_masks)
-        req.adapters.append(AdapterInput(a.alias, combined, negative, parse_schedule(a.scale), masks))
+        scaling = a.embeds_scaling or "V only"
+        schedule = parse_schedule(a.scale)
+        req.adapters.append(AdapterInput(a.alias, combined, negative, schedule, masks, embeds_scaling=scaling))
         if a.face is not None:
             faceid.attach(req.adapters[-1], a.face, a.combine, store)
     return req

@@ -232,6 +232,9 @@ def _adapter_checks(
     counts_ok = images is not None and masks is not None and (not masks or len(masks) == len(images))
     if images is not None and masks and not counts_ok:
         yield f"{at}.masks", f"{_n(len(masks), 'mask')} for {_n(len(images), 'image')}; give one mask per image or none"
+    weights = entry.get("image_weights")
+    if images is not None and isinstance(weights, list) and weights and len(weights) != len(images):
+        yield f"{at}.image_weights", f"{_n(len(weights), 'weight')} for {_n(len(images), 'image')}; give one per image"
     if images is not None and negatives and len(negatives) not in (1, len(images)):
         yield (
             f"{at}.negative_images",

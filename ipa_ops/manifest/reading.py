@@ -31,7 +31,16 @@ _ADAPTER_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "images": (pa.list_(pa.string()), "Reference images: URIs or embedding-store keys `<sha256>/<encoder>`."),
     "masks": (pa.list_(pa.string()), "Optional attention masks, one URI per image (white: where it applies)."),
     "negative_images": (pa.list_(pa.string()), "Optional negative references: one shared, or one per image."),
-    "combine": (pa.string(), "How several images merge: concat (default), average, norm_average, add, subtract."),
+    "combine": (
+        pa.string(),
+        "How several images merge: concat (default), average, norm_average (ComfyUI's norm average), add, "
+        "subtract (first minus the mean of the rest), max, min; ipa's earlier formulas: subtract_sum, unit_average.",
+    ),
+    "image_weights": (pa.list_(pa.float64()), "Optional weight per image, multiplying its embedding before combining."),
+    "embeds_scaling": (
+        pa.string(),
+        "ComfyUI's embeds scaling: V only (default, diffusers' maths), K+V, K+V w/ C penalty, K+mean(V) w/ C penalty.",
+    ),
     "scale": (pa.string(), "Scale schedule as JSON (a number or any schedule form); empty: the adapter's default."),
     "mask_fit": (pa.string(), "Fitting a mask of another aspect ratio: pad or crop; empty: must match within 1%."),
     "soft_masks": (pa.bool_(), "Use mask grey levels as weights instead of thresholding them."),

@@ -21,12 +21,16 @@ from ipa_ops.manifest.reading import uri_exists as uri_exists
 from ipa_ops.manifest.reading import write_manifest as write_manifest
 
 Task = Literal["text2img", "img2img", "inpaint", "controlnet", "video"]
-Combine = Literal["concat", "average", "norm_average", "add", "subtract"]
+Combine = Literal[
+    "concat", "average", "norm_average", "norm average", "add", "subtract", "max", "min", "subtract_sum", "unit_average"
+]
+EmbedsScaling = Literal["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]
 MaskFit = Literal["pad", "crop"]
 Fallback = Literal["skip", "drop_adapter"]
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": get_args(Task),
     "combine": get_args(Combine),
+    "embeds_scaling": get_args(EmbedsScaling),
     "mask_fit": get_args(MaskFit),
     "fallback": get_args(Fallback),
     "scheduler": get_args(SchedulerName),
@@ -65,6 +69,8 @@ class AdapterRef(_Strict):
     negative_images: list[str] = Field(default_factory=list, description=ADAPTER_FIELD_DOCS["negative_images"])
     combine: Combine = Field("concat", description=ADAPTER_FIELD_DOCS["combine"])
     scale: Any = Field(1.0, description="Scale schedule, decoded from JSON; `schedules.parse_schedule` reads it.")
+    image_weights: list[float] | None = Field(None, description=ADAPTER_FIELD_DOCS["image_weights"])
+    embeds_scaling: EmbedsScaling | None = Field(None, description=ADAPTER_FIELD_DOCS["embeds_scaling"])
     mask_fit: MaskFit | None = Field(None, description=ADAPTER_FIELD_DOCS["mask_fit"])
     soft_masks: bool = Field(False, description=ADAPTER_FIELD_DOCS["soft_masks"])
     face: FaceOptions | None = Field(

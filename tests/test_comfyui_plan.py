@@ -1,0 +1,139 @@
+"""ComfyUI parity in planning: combine modes, per-image weights, embeds scaling fields, row keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from comfy_reference import combine_embeds
+
+from ipa_ops.flow.spec import load_flow
+from ipa_ops.generate import conditioning, manifest_plan
+from ipa_ops.generate.manifest_plan import plan_manifest
+from ipa_ops.generate.plan import prepare
+from ipa_ops.store.encoders.ids import encoder_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["add", "subtract", "average", "norm average", "max", "min"])
+@pytest.mark.parametrize("shape", [(3, 24), (2, 5, 32)])
+def test_combine_modes_are_comfyuis(method: str, shape: tuple[int, ...]) -> None:
+    embeds = torch.randn(*shape, generator=torch.Generator().manual_seed(len(method)))
+    ours = conditioning.combine(embeds, method)
+    torch.testing.assert_close(ours, combine_embeds(embeds, method), rtol=0, atol=1e-6)
+    if method == "norm average":  # the underscore spelling is the same maths
+        torch.testing.assert_close(conditioning.combine(embeds, "norm_average"), ours, rtol=0, atol=0)
+
+
+def test_ipas_earlier_formulas_keep_their_own_names() -> None:
+    embeds = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    summed = embeds[:1] - embeds[1:].sum(0, keepdim=True)
+    torch.testing.assert_close(conditioning.combine(embeds, "subtract_sum"), summed)
+    norms = embeds.norm(dim=-1, keepdim=True)
+    unit = (embeds / norms).mean(0, keepdim=True) * norms.mean(0, keepdim=True)
+    torch.testing.assert_close(conditioning.combine(embeds, "unit_average"), unit)
+    assert not torch.allclose(conditioning.combine(embeds, "subtract"), conditioning.combine(embeds, "subtract_sum"))
+
+
+def _plan(tmp_path: Path, zoo_dir: Path, entries: list[dict], monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """Plan one row per adapter entry on the quickstart flow; references are store keys the store 'has'."""
+    flow = load_flow(REPO / "flows" / "quickstart.yaml", [f"mirror={zoo_dir}"])
+    eid = encoder_id("vit-h", flow.encoders["vit-h"], flow.mirror_root())
+    keys = [f"{c * 64}/{eid}" for c in "abc"]
+    monkeypatch.setattr(manifest_plan, "usable_keys", lambda store: set(keys))
+    rows = [
+        {"id": f"r{i}", "prompt": "x", "seed": 1, "adapters": json.dumps([{"adapter": "style", **e}])}
+        for i, e in enumerate({"images": keys[: e.pop("n", 1)], **e} for e in entries)
+    ]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    assert flow.stages.generate is not None
+    flow.stages.generate.store = None
+    return plan_manifest(flow, flow.stages.generate, str(manifest))
+
+
+ENTRIES = [
+    {"n": 2, "combine": "average"},
+    {"n": 2, "combine": "subtract"},
+    {"n": 1, "combine": "subtract"},
+    {"n": 3, "combine": "norm average"},
+    {"n": 1},
+    {"n": 2, "combine": "max", "image_weights": [1.0, 0.5], "embeds_scaling": "K+V"},
+    {"n": 1, "embeds_scaling": "V only"},
+]
+
+
+def test_row_keys_move_only_where_the_maths_changed(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plans, errors = _plan(tmp_path, zoo_dir, [dict(e) for e in ENTRIES], monkeypatch)
+    assert errors == []
+    new = {p.id: p.row_key for p in plans}
+    # the keys as planned before ComfyUI's maths: no combine version (the new fields, unset, add nothing)
+    monkeypatch.setattr(conditioning, "combine_identity", lambda mode, images: {})
+    old = {p.id: p.row_key for p in _plan(tmp_path, zoo_dir, [dict(e) for e in ENTRIES], monkeypatch)[0]}
+    changed = {rid for rid in new if new[rid] != old[rid]}
+    assert changed == {"r1", "r3"}  # subtract and norm average of several images; one image is the same maths
+    assert new["r6"] == new["r4"]  # V only is the default: the same row, the same key
+    by_id = {p.id: p for p in plans}
+    assert by_id["r5"].adapters[0].embeds_scaling == "K+V" and by_id["r5"].adapters[0].image_weights == [1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"n": 2, "image_weights": [1.0]}, "adapters[0].image_weights: 1 weight for 2 images; give one per image"),
+        ({"n": 1, "embeds_scaling": "K+V only"}, "adapters[0].embeds_scaling"),
+        ({"n": 1, "combine": "median"}, "adapters[0].combine: must be one of"),
+    ],
+)
+def test_bad_comfy_fields_name_the_field(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch, entry: dict, message: str
+) -> None:
+    plans, errors = _plan(tmp_path, zoo_dir, [entry], monkeypatch)
+    assert plans == [] and len(errors) == 1
+    assert message in errors[0]["error"] and "\n" not in errors[0]["error"]
+
+
+class _Store:
+    """Embeddings by key, as EmbeddingStore.get / uncond return them (prepare's only store calls)."""
+
+    def __init__(self, embeds: dict[str, torch.Tensor]):
+        self.embeds = embeds
+
+    def get(self, keys: list[str], field: str) -> list[torch.Tensor]:
+        return [self.embeds[k] for k in keys]
+
+    def uncond(self, encoder: str, field: str) -> torch.Tensor:
+        return torch.zeros_like(next(iter(self.embeds.values())))
+
+
+def test_image_weights_scale_each_image_before_combining(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = {"n": 2, "combine": "subtract", "image_weights": [0.5, 2.0], "embeds_scaling": "K+mean(V) w/ C penalty"}
+    (plan,), errors = _plan(tmp_path, zoo_dir, [entry], monkeypatch)
+    assert errors == []
+    seeded = [torch.Generator().manual_seed(i) for i in range(2)]
+    embeds = {k: torch.randn(24, generator=g) for g, k in zip(seeded, plan.adapters[0].keys, strict=True)}
+    req = prepare(plan, _Store(embeds))  # type: ignore[arg-type]
+    a, b = embeds.values()
+    expected = combine_embeds(torch.stack([a * 0.5, b * 2.0]), "subtract")  # IPAdapterEncoder's weight, then combine
+    torch.testing.assert_close(req.adapters[0].embeds, expected)
+    assert req.adapters[0].embeds_scaling == "K+mean(V) w/ C penalty"
+    torch.testing.assert_close(req.adapters[0].negative, torch.zeros(1, 24))  # negatives are not weighted
+
+
+def test_embeds_scaling_travels_between_stages() -> None:
+    from ipa_ops.flow.schedules import parse_schedule
+    from ipa_ops.generate.contract import AdapterInput, RowRequest
+    from ipa_ops.generate.payload import from_bytes, to_bytes
+
+    spec = {"weight_type": "style transfer precise", "style_boost": 2.0, "start_at": 0.2}
+    x = AdapterInput("style", torch.ones(1, 4), torch.zeros(1, 4), parse_schedule(spec), embeds_scaling="K+V")
+    back = from_bytes(to_bytes(RowRequest(id="a", prompt="p", seed=1, model="sd15", adapters=[x]))).adapters[0]
+    assert back.embeds_scaling == "K+V" and back.schedule == x.schedule
