@@ -13,7 +13,10 @@ import sys
 
 from ipa_ops.errors import UserError
 
-COMMAND_MODULES = ("core", "zoo", "store", "manifest", "cluster", "doctor", "compact", "reproduce", "scores", "export")
+COMMAND_MODULES = (
+    *("core", "zoo", "store", "manifest", "cluster", "doctor"),
+    *("compact", "reproduce", "scores", "export", "schedule"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
