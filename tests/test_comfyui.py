@@ -225,3 +225,56 @@ def test_mixed_batch_of_new_controls_equals_rows_alone(
         assert out.error == "" and out.image is not None, out.error
         (alone,) = generator.generate([row])
         assert np.abs(out.image - alone.image).max() < 2e-3, row.id  # type: ignore[operator]
+
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_CONTROLS = [
+    (
+        {"weight_type": "composition precise", "value": 0.8, "composition_boost": 0.5},
+        "K+V w/ C penalty",
+        {"weight_type": "composition precise", "weight": 0.8, "composition_boost": 0.5,
+         "embeds_scaling": "K+V w/ C penalty", "sdxl": True},
+    ),  # fmt: skip
+    (
+        {"weight_type": "strong style and composition", "value": 1.1, "composition": 0.4, "end_at": 0.7},
+        "V only",
+        {"weight_type": "strong style and composition", "weight": 1.1, "composition": 0.4, "end_at": 0.7,
+         "sdxl": True},
+    ),  # fmt: skip
+]
+
+
+@pytest.fixture(scope="module")
+def sdxl(zoo_dir: Path) -> tuple[Generator, object]:
+    from diffusers import AutoPipelineForText2Image
+
+    from ipa_ops.flow.spec import Flow
+
+    adapter = {"source": "h94/IP-Adapter", "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl_vit-h.bin"}
+    flow = Flow.model_validate({"name": "x", "mirror": str(zoo_dir), "models": {"sdxl": {"source": SDXL}},
+                                "adapters": {"xl": adapter}})  # fmt: skip
+    pipe = AutoPipelineForText2Image.from_pretrained(zoo_dir / SDXL, dtype=torch.float32)
+    pipe.load_ip_adapter(str(zoo_dir / "h94/IP-Adapter"), subfolder="sdxl_models", weight_name=adapter["weight_name"],
+                         image_encoder_folder=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return Generator(flow, device="cpu"), pipe
+
+
+@pytest.mark.parametrize("i", range(len(SDXL_CONTROLS)))
+def test_sdxl_row_equals_comfyuis_maths(sdxl: tuple[Generator, object], i: int) -> None:
+    from ipa_ops.generate.contract import AdapterInput
+
+    generator, pipe = sdxl
+    dim = generator.load("sdxl").facts[0].image_dim
+    pos = torch.randn(1, dim, generator=torch.Generator().manual_seed(5))
+    spec, scaling, settings = SDXL_CONTROLS[i]
+    x = AdapterInput("xl", pos, torch.zeros_like(pos), parse_schedule(spec), embeds_scaling=scaling)
+    row = RowRequest(id="x", prompt="a harbour", seed=9, model="sdxl", width=64, height=64, steps=5, adapters=[x])
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    comfy = ComfyRow(log_sigmas=_log_sigmas(pipe), **settings)  # type: ignore[arg-type]
+    call = dict(prompt=row.prompt, num_inference_steps=5, guidance_scale=row.guidance_scale, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(9), output_type="np")  # fmt: skip
+    embeds = torch.stack([torch.zeros_like(pos), pos])  # [negative; positive], one image each
+    expected = comfy_run(pipe, comfy, ip_adapter_image_embeds=[embeds], **call).images[0]
+    assert np.abs(out.image - expected).max() < TOL
