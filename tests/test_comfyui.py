@@ -278,3 +278,37 @@ def test_sdxl_row_equals_comfyuis_maths(sdxl: tuple[Generator, object], i: int) 
     embeds = torch.stack([torch.zeros_like(pos), pos])  # [negative; positive], one image each
     expected = comfy_run(pipe, comfy, ip_adapter_image_embeds=[embeds], **call).images[0]
     assert np.abs(out.image - expected).max() < TOL
+
+
+def test_faceid_lora_weight_equals_diffusers_set_adapters(zoo_dir: Path) -> None:
+    """`lora_weight: 0.6` (ComfyUI's default strength) is diffusers' `set_adapters(["faceid_0"], [0.6])`."""
+    from diffusers import AutoPipelineForText2Image
+
+    from ipa_ops.flow.spec import Flow
+    from ipa_ops.generate.contract import AdapterInput
+
+    sd15, faceid = "stable-diffusion-v1-5/stable-diffusion-v1-5", "h94/IP-Adapter-FaceID"
+    weight = "ip-adapter-faceid_sd15.bin"
+    adapter = {"source": faceid, "weight_name": weight, "encoder": "faces", "lora_weight": 0.6}
+    flow = Flow.model_validate({"name": "f", "mirror": str(zoo_dir), "models": {"sd15": {"source": sd15}},
+                                "encoders": {"faces": {"type": "insightface"}},
+                                "adapters": {"fid": adapter}})  # fmt: skip
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(2)), dim=-1)
+    x = AdapterInput("fid", face, torch.zeros_like(face), parse_schedule(0.7))
+    row = RowRequest(id="f", prompt="a portrait", seed=4, model="sd15", width=64, height=64, steps=4, adapters=[x])
+    (out,) = Generator(flow, device="cpu").generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    pipe = AutoPipelineForText2Image.from_pretrained(zoo_dir / sd15)
+    pipe.load_ip_adapter(str(zoo_dir / faceid), subfolder=None, weight_name=weight, image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_ip_adapter_scale(0.7)
+    embeds = [torch.stack([torch.zeros_like(face), face])[:, :, None]]  # [neg; pos] x 1 image x 1 x 512
+    call = dict(prompt=row.prompt, num_inference_steps=4, guidance_scale=7.5, height=64, width=64, output_type="np")
+
+    def diffusers_image() -> np.ndarray:
+        return pipe(generator=torch.Generator("cpu").manual_seed(4), ip_adapter_image_embeds=embeds, **call).images[0]
+
+    pipe.set_adapters(["faceid_0"], adapter_weights=[0.6])
+    assert np.abs(out.image - diffusers_image()).max() < TOL
+    pipe.set_adapters(["faceid_0"], adapter_weights=[1.0])
+    assert np.abs(out.image - diffusers_image()).max() > 1e-3  # the weight really changed the image

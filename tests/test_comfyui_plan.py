@@ -137,3 +137,30 @@ def test_embeds_scaling_travels_between_stages() -> None:
     x = AdapterInput("style", torch.ones(1, 4), torch.zeros(1, 4), parse_schedule(spec), embeds_scaling="K+V")
     back = from_bytes(to_bytes(RowRequest(id="a", prompt="p", seed=1, model="sd15", adapters=[x]))).adapters[0]
     assert back.embeds_scaling == "K+V" and back.schedule == x.schedule
+
+
+def test_black_unconditional_image_is_comfyuis(zoo_dir: Path) -> None:
+    """`uncond_image: black` is ComfyUI's negative for Plus adapters: a black image through its clip_preprocess."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from ipa_ops.flow.spec import EncoderSpec
+    from ipa_ops.store.encoders.clip import ClipEncoder
+    from ipa_ops.store.encoders.ids import clip_image_size
+
+    folder = zoo_dir / "h94/IP-Adapter/models/image_encoder"
+    black = ClipEncoder(folder, hidden_states=True, uncond_image="black").uncond()
+    zeros = ClipEncoder(folder, hidden_states=True).uncond()
+    size = clip_image_size(folder)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # ComfyUI's clip_preprocess
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels = (torch.zeros(1, 3, size, size) - mean) / std
+    model = CLIPVisionModelWithProjection.from_pretrained(folder)
+    with torch.no_grad():
+        expected = model(pixels, output_hidden_states=True).hidden_states[-2][0]
+    torch.testing.assert_close(torch.from_numpy(black["hidden_states"]), expected, atol=1e-5, rtol=0)
+    assert abs(black["hidden_states"] - zeros["hidden_states"]).max() > 1e-3
+    assert not black["image_embeds"].any()  # pooled adapters: zeros, as in ComfyUI and diffusers
+    spec = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder", "hidden_states": True}
+    ids = [encoder_id("e", EncoderSpec.model_validate({**spec, **extra}), str(zoo_dir))
+           for extra in ({}, {"uncond_image": "zeros"}, {"uncond_image": "black"})]  # fmt: skip
+    assert ids[0] == ids[1] != ids[2]  # the default keeps old encoder ids

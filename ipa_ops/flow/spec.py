@@ -28,6 +28,10 @@ class EncoderSpec(Strict):
     hidden_states: bool = Field(
         False, description="Also store the penultimate hidden states (needed by Plus, plus-face, full-face adapters)."
     )
+    uncond_image: Literal["zeros", "black"] = Field(
+        "zeros", description="Unconditional image of hidden-state (Plus) adapters: `zeros` (diffusers: zero pixel "
+        "values) or `black` (ComfyUI: a black image through the processor). Enters the encoder id.",
+    )
     crop: Literal["center", "pad", "none"] = Field(
         "center", description="How a non-square image is fitted: processor centre crop, pad to square, or resize."
     )
@@ -74,6 +78,10 @@ class AdapterSpec(Strict):
     )
     shortcut_scale: float = Field(
         1.0, description="FaceID-Plus v2: weight of the face structure (`shortcut_scale`); rows may override it."
+    )
+    lora_weight: float = Field(
+        1.0, allow_inf_nan=False,
+        description="FaceID: strength of the LoRA its checkpoint carries (diffusers loads it at 1.0, ComfyUI at 0.6).",
     )
     fallback: Literal["error", "skip", "drop_adapter"] = Field(
         "error",

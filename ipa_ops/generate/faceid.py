@@ -199,6 +199,11 @@ def after_load(pipe: Any, aliases: list[str], facts: list[AdapterFacts], flow: F
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         model.tuners = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+        for alias, name in loras.items():  # as `set_adapters([name], adapter_weights=[w])` scales it
+            weight = flow.adapters[alias].lora_weight
+            for layer in model.tuners:
+                if name in getattr(layer, "lora_A", {}):
+                    layer.set_scale(name, weight)
     return model
 
 

@@ -195,6 +195,7 @@ def plan_row(
             {
                 **{k: v for k, v in asdict(a).items() if not (k in _NEW_FIELDS and v is None)},  # old keys stay
                 **conditioning.combine_identity(a.combine, len(a.keys)),
+                **_lora_weight(flow, a.alias, facts),
                 "fingerprint": fingerprints[f"adapter:{a.alias}"],
                 "masks": [_sha(m) for m in a.masks],
                 "scale": json.dumps(a.scale, sort_keys=True),
@@ -255,6 +256,12 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, 
 
 
 _NEW_FIELDS = ("face", "image_weights", "embeds_scaling")  # left out of row keys when unset: old keys stay
+
+
+def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict[str, float]:
+    """A FaceID LoRA strength other than diffusers' 1.0 decides the image; the default adds nothing."""
+    weight = flow.adapters[alias].lora_weight
+    return {"lora_weight": weight} if facts[alias].lora and weight != 1.0 else {}
 
 
 def _embeds_scaling(value: str | None) -> str | None:

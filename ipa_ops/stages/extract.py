@@ -152,7 +152,9 @@ class EncodeActor:
             from ipa_ops.store.encoders.siglip import vision_encoder
 
             folder = clip_folder(self.spec, self.mirror)  # CLIP, or SigLIP (SD3.5's encoder) by its config
-            self._encoder = vision_encoder(folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu)
+            self._encoder = vision_encoder(
+                folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu, uncond_image=self.spec.uncond_image
+            )
         else:
             from ipa_ops.store.encoders.face import FaceEncoder
 

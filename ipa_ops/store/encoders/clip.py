@@ -31,7 +31,10 @@ def pick_device(want_gpu: bool) -> tuple[str, torch.dtype]:
 class ClipEncoder:
     """A CLIPVisionModelWithProjection plus its processor; `encode` returns numpy arrays per image."""
 
-    def __init__(self, folder: str | Path, hidden_states: bool = False, crop: str = "center", gpu: bool = False):
+    def __init__(
+        self, folder: str | Path, hidden_states: bool = False, crop: str = "center", gpu: bool = False,
+        uncond_image: str = "zeros",
+    ):  # fmt: skip
         from transformers import CLIPVisionModelWithProjection
 
         if crop not in CROP_MODES:
@@ -42,6 +45,7 @@ class ClipEncoder:
         self.processor = clip_processor(Path(folder))
         self.hidden_states = hidden_states
         self.crop = crop
+        self.uncond_image = uncond_image
 
     def prepare(self, image: Image.Image) -> Image.Image:
         """Apply the crop mode before the processor: `pad` letterboxes to a square, `none` squashes."""
@@ -75,10 +79,14 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def uncond(self) -> dict[str, np.ndarray]:
-        """The negative embedding diffusers pairs with every image of this encoder."""
+        """The negative embedding diffusers pairs with every image of this encoder (zero pixel values), or
+        ComfyUI's (`uncond_image="black"`: a black image through the processor); pooled: zeros either way."""
         crop = self.processor.crop_size
-        zeros = torch.zeros(1, 3, crop["height"], crop["width"], device=self.device, dtype=self.dtype)
-        out = self.model(zeros, output_hidden_states=self.hidden_states)
+        if self.uncond_image == "black":
+            pixels = self.pixel_values([Image.new("RGB", (crop["width"], crop["height"]), (0, 0, 0))])
+        else:
+            pixels = torch.zeros(1, 3, crop["height"], crop["width"])
+        out = self.model(pixels.to(self.device, self.dtype), output_hidden_states=self.hidden_states)
         result: dict[str, Any] = {"image_embeds": np.zeros(out.image_embeds.shape[-1], dtype=np.float32)}
         if self.hidden_states:
             result["hidden_states"] = out.hidden_states[-2][0].cpu().numpy()

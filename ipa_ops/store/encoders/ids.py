@@ -168,6 +168,8 @@ def encoder_id(alias: str, spec: EncoderSpec, mirror: str | None) -> str:
             "preprocess": preprocessing(folder, spec.crop),
             "hidden_states": spec.hidden_states,
         }
+        if spec.uncond_image != "zeros":  # diffusers' default adds nothing: old encoder ids stay
+            facts["uncond_image"] = spec.uncond_image
     else:
         pack = face_pack_dir(spec, mirror)
         facts = {

@@ -69,8 +69,13 @@ class SiglipEncoder:
         return result
 
 
-def vision_encoder(folder: str | Path, hidden_states: bool, crop: str, gpu: bool) -> ClipEncoder | SiglipEncoder:
-    """The encoder for a `clip`-type folder: SigLIP when the folder is a SigLIP model, else CLIP."""
+def vision_encoder(
+    folder: str | Path, hidden_states: bool, crop: str, gpu: bool, uncond_image: str = "zeros"
+) -> ClipEncoder | SiglipEncoder:
+    """The encoder for a `clip`-type folder: SigLIP when the folder is a SigLIP model, else CLIP.
+
+    `uncond_image: black` (ComfyUI's negative for Plus adapters) applies to CLIP folders; SigLIP's
+    negative is zeros, as diffusers' SD3 pipeline makes it."""
     if is_siglip(folder):
         return SiglipEncoder(folder, hidden_states, crop, gpu)
-    return ClipEncoder(folder, hidden_states, crop, gpu)
+    return ClipEncoder(folder, hidden_states, crop, gpu, uncond_image=uncond_image)
