@@ -45,14 +45,19 @@ def comfy_index(name: str, sdxl: bool) -> tuple[int, str]:
 
 
 def execute_weight(weight_type: str, weight: float, sdxl: bool, composition: float = 1.0,
-                   style_boost: float | None = None, composition_boost: float | None = None) -> tuple[Any, str]:
+                   style_boost: float | None = None, composition_boost: float | None = None,
+                   layer_weights: str | None = None) -> tuple[Any, str]:
     """`ipadapter_execute`'s weight and weight_type after its special weight types (a dict or a float)."""  # fmt: skip
     weight_composition = composition
     if style_boost is not None:
         weight_type = "style transfer precise"
     elif composition_boost is not None:
         weight_type = "composition precise"
-    if weight_type == "style transfer":
+    if layer_weights is not None and layer_weights != "":
+        weight = {int(k): float(v) * weight for k, v in [x.split(":") for x in layer_weights.split(",")]}
+        precise = weight_type == "style transfer precise" or weight_type == "composition precise"
+        weight_type = weight_type if precise else "linear"
+    elif weight_type == "style transfer":
         weight = {6: weight} if sdxl else {i: weight for i in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)}
     elif weight_type == "composition":
         weight = {3: weight} if sdxl else {4: weight * 0.25, 5: weight}

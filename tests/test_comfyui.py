@@ -93,6 +93,22 @@ def test_weight_types_equal_comfyuis_weights(family: str, weight_type: str, give
         assert swapped.any() and not swapped.all()
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("weight_type", ["linear", "ease in", "style transfer precise", "composition precise"])
+def test_layer_weights_are_comfyuis(family: str, weight_type: str) -> None:
+    """IPAdapterMS's `layer_weights` text, verbatim, or as a mapping."""
+    text = "0:1.0, 3:0.5, 4:2, 6:-0.3, 9:1.25"
+    names, sdxl = NAMES[family], family == "sdxl"
+    weight, kind = execute_weight(weight_type, 0.8, sdxl, layer_weights=text)
+    expected = [attention_weight(weight, kind, *comfy_index(n, sdxl), sdxl) for n in names]
+    for spec in ({"weight_type": weight_type, "value": 0.8, "layer_weights": text},
+                 {"weight_type": weight_type, "value": 0.8, "layer_weights": {"0": 1.0, "3": 0.5, "4": 2, "6": -0.3,
+                                                                             "9": 1.25}}):  # fmt: skip
+        ours, swapped = layer_weights(family, parse_schedule(spec), names)
+        assert ours.tolist() == pytest.approx([w for w, _ in expected], abs=1e-12)
+        assert swapped.tolist() == [s for _, s in expected]
+
+
 def test_weight_types_are_layer_forms_and_curves_are_step_forms() -> None:
     layer = parse_schedule({"weight_type": "ease in", "value": 0.8})
     assert step_profile(layer, 5).tolist() == [1.0] * 5  # a weight type leaves the steps alone
@@ -111,6 +127,8 @@ def test_weight_types_are_layer_forms_and_curves_are_step_forms() -> None:
         ({"composition": 0.5}, "composition weighs the composition layers"),
         ({"start_at": 0.9, "end_at": 0.1}, "start_at 0.9 is after end_at 0.1"),
         ({"end_at": 2}, "end_at is a fraction of the noise schedule"),
+        ({"layer_weights": "0=1"}, "layer_weights: write ComfyUI's 'index:weight, ...'"),
+        ({"layer_weights": {"x": 1}}, "layer_weights: 'x' is not a ComfyUI layer index"),
     ],
 )
 def test_bad_comfy_schedules_say_what_is_wrong(bad: dict, message: str) -> None:

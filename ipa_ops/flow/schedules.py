@@ -29,7 +29,7 @@ import numpy as np
 
 CURVES = ("linear", "ease_in", "ease_out", "ease_in_out")
 _KEYS = {"value", "layers", "preset", "start", "end", "curve", "from", "to", "steps", "weight_type", "composition"}
-_KEYS |= {"style_boost", "composition_boost", "start_at", "end_at"}
+_KEYS |= {"style_boost", "composition_boost", "start_at", "end_at", "layer_weights"}
 
 # ComfyUI_IPAdapter_plus's WEIGHT_TYPES, verbatim, and the type its style + composition node sets with expand_style
 WEIGHT_TYPES = (
@@ -76,6 +76,7 @@ class ScheduleSpec:
     composition: float = 1.0  # ComfyUI's weight_composition ("style and composition" types)
     style_boost: float | None = None  # "style transfer precise": weight of its composition layers
     composition_boost: float | None = None  # "composition precise": weight of its style layers
+    layer_weights: tuple[tuple[int, float], ...] | None = None  # ComfyUI's IPAdapterMS {index: weight}
     start_at: float = 0.0  # ComfyUI's window, fractions of the noise schedule (gated on sigma)
     end_at: float = 1.0
     source: Any = field(default=None, compare=False)
@@ -173,6 +174,10 @@ def parse_schedule(obj: Any) -> ScheduleSpec:
 def _parse_weight_type(obj: dict[str, Any], spec: dict[str, Any]) -> None:
     """ComfyUI's weight type and its weights; a boost alone implies its precise type, as in ComfyUI."""
     kind = obj.get("weight_type")
+    if "layer_weights" in obj:
+        spec["layer_weights"] = _comfy_layer_weights(obj["layer_weights"])
+        if kind not in ("style transfer precise", "composition precise"):  # ComfyUI then weighs linearly
+            kind = "linear"
     if kind is None and "style_boost" in obj:
         kind = "style transfer precise"
     elif kind is None and "composition_boost" in obj:
@@ -196,6 +201,26 @@ def _parse_weight_type(obj: dict[str, Any], spec: dict[str, Any]) -> None:
             raise ValueError(f'composition weighs the composition layers of "style and composition", not {kind!r}')
         spec["composition"] = _number("composition", obj["composition"])
     spec["weight_type"] = kind
+
+
+def _comfy_layer_weights(value: Any) -> tuple[tuple[int, float], ...]:
+    """IPAdapterMS's `layer_weights`, as its text ("0:1.0, 3:0.5") or a {index: weight} mapping."""
+    if isinstance(value, str):
+        try:
+            pairs = [item.split(":") for item in value.split(",") if item.strip()]
+            value = {int(k): float(v) for k, v in pairs}
+        except ValueError:
+            raise ValueError(f"layer_weights: write ComfyUI's 'index:weight, ...', got {value!r}") from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError("layer_weights: give ComfyUI's 'index:weight, ...' text or an {index: weight} mapping")
+    out = []
+    for key, weight in value.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"layer_weights: {key!r} is not a ComfyUI layer index") from None
+        out.append((index, _number(f"layer_weights[{key}]", weight)))
+    return tuple(sorted(out))
 
 
 def _curve(name: str, t: np.ndarray) -> np.ndarray:

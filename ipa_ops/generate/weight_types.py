@@ -114,7 +114,12 @@ def layer_weights(family: str, spec: ScheduleSpec, layer_names: Sequence[str]) -
         raise ValueError(f"weight_type: a {family} UNet has {layers} attention modules for ComfyUI, this one {found}")
     weights = np.zeros(len(layer_names))
     swap = np.zeros(len(layer_names), dtype=bool)
-    table = None if kind in _PROFILE_TYPES else _dict_weights(kind, sdxl, spec.value, spec.composition, spec)
+    if spec.layer_weights is not None:  # IPAdapterMS: its own {index: weight * value}, nothing else
+        table: dict[int, float] | None = {i: w * spec.value for i, w in spec.layer_weights}
+    elif kind in _PROFILE_TYPES:
+        table = None
+    else:
+        table = _dict_weights(kind, sdxl, spec.value, spec.composition, spec)
     for i, (index, block) in enumerate(mapped):
         if table is None:
             weights[i] = _profile_weight(kind, spec.value, index, block, layers)
