@@ -290,6 +290,8 @@ class Generator:
 def noise_levels(pipe: Any) -> NoiseLevels:
     """The noise level of each step of the pipeline's scheduler, as set for the current call."""
     scheduler = pipe.scheduler
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise ValueError(f"start_at / end_at read a DDPM noise schedule; {type(scheduler).__name__} has none")
     return NoiseLevels.of(scheduler.timesteps.cpu().numpy(), scheduler.alphas_cumprod.cpu().numpy())
 
 
