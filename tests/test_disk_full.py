@@ -19,7 +19,7 @@ from test_stop import REPO, ROWS, _command, _env, _manifest, assert_everything_r
 
 from ipa_ops.outputs.ledger import read_ledger
 
-FREE_FOR_THE_RUN = 160 << 10  # a few batches of 64x64 PNGs and their results parts
+FREE_FOR_THE_RUN = 400 << 10  # a few batches of 64x64 PNGs (with their records), thumbnails and results parts
 
 
 @pytest.fixture
