@@ -19,17 +19,14 @@ import torch
 import yaml
 from diffusers import FluxPipeline
 from PIL import Image
-from zoo_flows import REPO, zoo_flow
+from zoo_flows import REPO, run_example_flow, validate_lines
 
-from ipa_ops.cli import main
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
 from ipa_ops.generate.plan import prepare
-from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
-from ipa_ops.stages.generate import run_generate
 from ipa_ops.store.dataset import EmbeddingStore
 from ipa_ops.zoo import build_family_zoo
 from ipa_ops.zoo.common import save_safetensors
@@ -299,24 +296,15 @@ def test_negative_prompt_without_true_cfg_fails_alone_with_one_line(ws: dict[str
     assert outs[1].error == ""
 
 
-def _validate(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> list[str]:
-    path = tmp_path / "flow.yaml"
-    path.write_text(yaml.safe_dump(data))
-    code = main(["validate", str(path)])
-    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
-    assert (code == 0) == (lines == ["ok"]), lines
-    return lines
-
-
 def test_validate_refuses_family_and_encoder_mismatches(
     ws: dict[str, Any], flux_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = _flow_dict(flux_zoo, ws["root"], ws["root"] / "rows.csv")
     del base["adapters"]["second"]
-    assert _validate(tmp_path, base, capsys) == ["ok"]
+    assert validate_lines(tmp_path, base, capsys) == ["ok"]
     on_sdxl = json.loads(json.dumps(base))
     on_sdxl["models"]["flux"] = {"source": "stabilityai/stable-diffusion-xl-base-1.0"}
-    assert _validate(tmp_path, on_sdxl, capsys) == [
+    assert validate_lines(tmp_path, on_sdxl, capsys) == [
         "adapters.xlabs: ip_adapter.safetensors is a Flux IP-Adapter (XLabs layout), but model 'flux' is an SDXL "
         "pipeline; use an h94/IP-Adapter adapter from sdxl_models/ (e.g. ip-adapter_sdxl.bin) with it, or run this "
         "adapter on a Flux model (black-forest-labs/FLUX.1-dev)"
@@ -328,14 +316,14 @@ def test_validate_refuses_family_and_encoder_mismatches(
     h94_on_flux["adapters"]["xlabs"] = {
         "source": "h94/IP-Adapter", "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.bin", "encoder": "bigg"
     }  # fmt: skip
-    assert _validate(tmp_path, h94_on_flux, capsys) == [
+    assert validate_lines(tmp_path, h94_on_flux, capsys) == [
         "adapters.xlabs: ip-adapter_sdxl.bin is an SD1.5/SDXL IP-Adapter (h94 layout), but model 'flux' is a Flux "
         "pipeline; use XLabs-AI/flux-ip-adapter (ip_adapter.safetensors) with it, or run this adapter on an SD1.5 "
         "or SDXL model"
     ]
     siglip = json.loads(json.dumps(base))
     siglip["encoders"]["clip-l"]["source"] = "google/siglip-so400m-patch14-384"
-    assert _validate(tmp_path, siglip, capsys) == [
+    assert validate_lines(tmp_path, siglip, capsys) == [
         "adapters.xlabs: ip_adapter.safetensors takes CLIP image features, but encoder 'clip-l' is siglip "
         "(google/siglip-so400m-patch14-384); ip_adapter needs CLIP ViT-L/14's pooled image_embeds "
         "(openai/clip-vit-large-patch14)"
@@ -344,14 +332,14 @@ def test_validate_refuses_family_and_encoder_mismatches(
     sd3_on_flux["encoders"]["clip-l"]["hidden_states"] = True
     instantx = {"source": "InstantX/SD3.5-Large-IP-Adapter", "weight_name": "ip-adapter.safetensors"}
     sd3_on_flux["adapters"]["xlabs"].update(instantx)
-    assert _validate(tmp_path, sd3_on_flux, capsys) == [
+    assert validate_lines(tmp_path, sd3_on_flux, capsys) == [
         "adapters.xlabs: ip-adapter.safetensors is an SD3.5 IP-Adapter (InstantX layout), but model 'flux' is a Flux "
         "pipeline; use XLabs-AI/flux-ip-adapter (ip_adapter.safetensors) with it, or run this adapter on an SD3.5 "
         "model (stabilityai/stable-diffusion-3.5-large)"
     ]
     vit_h = json.loads(json.dumps(base))
     vit_h["encoders"]["clip-l"] = {"type": "clip", "source": "h94/IP-Adapter", "subfolder": "models/image_encoder"}
-    assert _validate(tmp_path, vit_h, capsys) == [
+    assert validate_lines(tmp_path, vit_h, capsys) == [
         "adapters.xlabs: ip_adapter.safetensors expects image features of dim 28, but encoder 'clip-l' has "
         "projection dim 24; ip_adapter needs CLIP ViT-L/14's pooled image_embeds (openai/clip-vit-large-patch14)"
     ]
@@ -361,13 +349,6 @@ def test_example_flow_validates_and_runs_on_the_zoo(
     ws: dict[str, Any], flux_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("IPA_MIRROR", str(flux_zoo))
-    assert main(["validate", str(REPO / "flows" / "flux.yaml")]) == 0
-    assert capsys.readouterr().out.strip() == "ok"
     store = ws["root"] / "store"  # the extract stage filled it with the same encoder over the same data/refs
-    flow = zoo_flow("flux", tmp_path, flux_zoo, REPO / "manifests" / "flux.csv", f"stages.generate.store={store}")
-    assert flow.stages.generate is not None
-    run_generate(flow, flow.stages.generate)
-    results = OutputDir(str(tmp_path / "out")).read_results()
-    manifest = pd.read_csv(REPO / "manifests" / "flux.csv")
-    assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]
+    run_example_flow("flux", flux_zoo, store, tmp_path, monkeypatch, capsys)
+

@@ -19,17 +19,14 @@ import torch
 import yaml
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
-from zoo_flows import REPO, zoo_flow
+from zoo_flows import REPO, run_example_flow, validate_lines
 
-from ipa_ops.cli import main
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
 from ipa_ops.generate.plan import prepare
-from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
-from ipa_ops.stages.generate import run_generate
 from ipa_ops.store.dataset import EmbeddingStore
 from ipa_ops.zoo import build_family_zoo
 from ipa_ops.zoo.sd3 import INSTANTX_REPO, INSTANTX_WEIGHT, SD35_REPO, SIGLIP_REPO
@@ -143,34 +140,25 @@ def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: 
     assert np.abs(by_id["guide"] - by_id["other-ref"]).max() > 1e-2  # each row attends to its own reference
 
 
-def _validate(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> list[str]:
-    path = tmp_path / "flow.yaml"
-    path.write_text(yaml.safe_dump(data))
-    code = main(["validate", str(path)])
-    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
-    assert (code == 0) == (lines == ["ok"]), lines
-    return lines
-
-
 def test_validate_refuses_family_and_encoder_mismatches(
     ws: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = json.loads(json.dumps(ws["data"]))
-    assert _validate(tmp_path, base, capsys) == ["ok"]
+    assert validate_lines(tmp_path, base, capsys) == ["ok"]
     xlabs = json.loads(json.dumps(base))
     xlabs["encoders"]["clip-l"] = {"type": "clip", "source": "openai/clip-vit-large-patch14"}
     xlabs["stages"]["extract"]["encoders"] = ["siglip", "clip-l"]
     xlabs["adapters"]["instantx"] = {
         "source": "XLabs-AI/flux-ip-adapter", "weight_name": "ip_adapter.safetensors", "encoder": "clip-l"
     }  # fmt: skip
-    assert _validate(tmp_path, xlabs, capsys) == [
+    assert validate_lines(tmp_path, xlabs, capsys) == [
         "adapters.instantx: ip_adapter.safetensors is a Flux IP-Adapter (XLabs layout), but model 'sd3' is an "
         "SD3.5 pipeline; use InstantX/SD3.5-Large-IP-Adapter (ip-adapter.safetensors) with it, or run this "
         "adapter on a Flux model (black-forest-labs/FLUX.1-dev)"
     ]
     clip = json.loads(json.dumps(base))
     clip["encoders"]["siglip"]["source"] = "openai/clip-vit-large-patch14"
-    assert _validate(tmp_path, clip, capsys) == [
+    assert validate_lines(tmp_path, clip, capsys) == [
         "adapters.instantx: ip-adapter.safetensors takes SigLIP image features, but encoder 'siglip' is clip "
         "(openai/clip-vit-large-patch14); ip-adapter needs SigLIP's penultimate hidden states "
         "(google/siglip-so400m-patch14-384)"
@@ -181,13 +169,6 @@ def test_example_flow_validates_and_runs_on_the_zoo(
     ws: dict[str, Any], sd3_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("IPA_MIRROR", str(sd3_zoo))
-    assert main(["validate", str(REPO / "flows" / "sd3.yaml")]) == 0
-    assert capsys.readouterr().out.strip() == "ok"
     store = ws["root"] / "store"  # the extract stage filled it with the same encoder over the same data/refs
-    flow = zoo_flow("sd3", tmp_path, sd3_zoo, REPO / "manifests" / "sd3.csv", f"stages.generate.store={store}")
-    assert flow.stages.generate is not None
-    run_generate(flow, flow.stages.generate)
-    results = OutputDir(str(tmp_path / "out")).read_results()
-    manifest = pd.read_csv(REPO / "manifests" / "sd3.csv")
-    assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]
+    run_example_flow("sd3", sd3_zoo, store, tmp_path, monkeypatch, capsys)
+

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
 
 from ipa_ops.flow.spec import Flow, load_flow
 
@@ -28,3 +32,37 @@ def zoo_flow(
             *extra,
         ],
     )
+
+
+def validate_lines(tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """`ipa validate` of a flow given as a dict: its printed lines (`["ok"]` when it passes)."""
+    from ipa_ops.cli import main
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["validate", str(path)])
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if line]
+    assert (code == 0) == (lines == ["ok"]), lines
+    return lines
+
+
+def run_example_flow(
+    name: str, zoo: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`flows/<name>.yaml` validates on `zoo` and runs `manifests/<name>.csv` with every row ok."""
+    import pandas as pd
+
+    from ipa_ops.cli import main
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.stages.generate import run_generate
+
+    monkeypatch.setenv("IPA_MIRROR", str(zoo))
+    assert main(["validate", str(REPO / "flows" / f"{name}.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    flow = zoo_flow(name, tmp_path, zoo, REPO / "manifests" / f"{name}.csv", f"stages.generate.store={store}")
+    assert flow.stages.generate is not None
+    run_generate(flow, flow.stages.generate)
+    results = OutputDir(str(tmp_path / "out")).read_results()
+    manifest = pd.read_csv(REPO / "manifests" / f"{name}.csv")
+    assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]

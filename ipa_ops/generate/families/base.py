@@ -107,6 +107,27 @@ class ModelFamily(Protocol):
         ...
 
 
+class ClassifierFreeGuidance:
+    """Calls of families guided by one `guidance_scale` with a negative prompt (UNets, SD3.5): rows
+    batch by their request's group key, and `true_cfg_scale` (Flux's) is refused in one line."""
+
+    guidance_note = "this model uses guidance_scale"
+
+    def group_key(self, row: Any) -> tuple:
+        return row.group_key()
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        flux_only = [r.id for r in rows if r.true_cfg_scale is not None]
+        if flux_only:
+            raise ValueError(f"row {flux_only[0]}: true_cfg_scale is for Flux; {self.guidance_note}")
+        return {}
+
+    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
+        # no negative prompt means diffusers' default (None): SDXL then uses zero embeddings rather
+        # than encoding "", so a row without one never shares a call with rows with one (group_key)
+        return {"prompt": prompts, "negative_prompt": negatives if do_cfg and negatives[0] else None}
+
+
 def layer_profile(family: ModelFamily, spec: ScheduleSpec, pipe: Any, layer_names: Sequence[str]) -> np.ndarray:
     """The per-layer multiplier of a schedule for a pipeline's IP layers (processor names, in order)."""
     blocks = family.presets[spec.preset] if spec.preset is not None else spec.layers

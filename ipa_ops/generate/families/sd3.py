@@ -23,6 +23,7 @@ import torch
 from ipa_ops.generate import sd3_attention
 from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.families.base import ClassifierFreeGuidance
 from ipa_ops.generate.families.flux import FluxFamily, _NoPresets, block_scales
 from ipa_ops.generate.families.sd3_layout import instantx_adapter_facts
 
@@ -31,8 +32,10 @@ def transformer_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "transformer" / "config.json").read_text())
 
 
-class SD3Family:
+class SD3Family(ClassifierFreeGuidance):
     """StableDiffusion3Pipeline with InstantX's IP-Adapter (see module doc)."""
+
+    guidance_note = "SD3.5 uses guidance_scale"
 
     name = "sd3"
     presets: Mapping[str, Mapping[str, Any]] = _NoPresets("SD3.5 has joint blocks (38 in Large)")
@@ -82,18 +85,6 @@ class SD3Family:
 
     def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
         return guidance_scale > 1
-
-    def group_key(self, row: Any) -> tuple:
-        return row.group_key()
-
-    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
-        flux_only = [r.id for r in rows if r.true_cfg_scale is not None]
-        if flux_only:
-            raise ValueError(f"row {flux_only[0]}: true_cfg_scale is for Flux; SD3.5 uses guidance_scale")
-        return {}
-
-    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
-        return {"prompt": prompts, "negative_prompt": negatives if do_cfg and negatives[0] else None}
 
     def ip_call(
         self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool

@@ -21,6 +21,7 @@ import torch
 from ipa_ops.generate import attention
 from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.families.base import ClassifierFreeGuidance
 
 
 def unet_config(folder: Path) -> dict[str, Any]:
@@ -75,8 +76,10 @@ _EXPANDED: dict[tuple[int, str, tuple[str, ...]], list[float]] = {}
 
 
 @dataclass(frozen=True)
-class UNetFamily:
+class UNetFamily(ClassifierFreeGuidance):
     """A UNet family; `claims_config` tells its `unet/config.json` from the other UNet families'."""
+
+    guidance_note = "UNet models use guidance_scale"
 
     name: str
     presets: Mapping[str, Mapping[str, Any]]
@@ -129,20 +132,6 @@ class UNetFamily:
     def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
         # guidance-distilled UNets (LCM: time_cond_proj_dim) take the scale as an input, not as CFG
         return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-
-    def group_key(self, row: Any) -> tuple:
-        return row.group_key()
-
-    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
-        flux_only = [r.id for r in rows if r.true_cfg_scale is not None]
-        if flux_only:
-            raise ValueError(f"row {flux_only[0]}: true_cfg_scale is for Flux; UNet models use guidance_scale")
-        return {}
-
-    def prompt_kwargs(self, prompts: list[str], negatives: list[str], do_cfg: bool) -> dict[str, Any]:
-        # no negative prompt means diffusers' default (None): SDXL then uses zero embeddings rather
-        # than encoding "", so a row without one never shares a call with rows with one (group_key)
-        return {"prompt": prompts, "negative_prompt": negatives if do_cfg and negatives[0] else None}
 
     def ip_call(
         self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool

@@ -28,7 +28,38 @@ def pick_device(want_gpu: bool) -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-class ClipEncoder:
+class VisionEncoder:
+    """What CLIP and SigLIP image encoders share: a batch of images in, numpy arrays per image out.
+
+    Subclasses set `model`, `device`, `dtype`, `hidden_states`, `pixel_values` and which output is
+    the pooled embedding (`pooled`)."""
+
+    pooled = "image_embeds"
+    model: Any
+    device: str
+    dtype: torch.dtype
+    hidden_states: bool
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image]) -> list[dict[str, np.ndarray]]:
+        """Per image: the pooled `image_embeds` [dim] float32 and, if configured, the penultimate
+        layer's `hidden_states` [tokens, dim]."""
+        if not images:
+            return []
+        pixels = self.pixel_values(images).to(self.device, self.dtype)
+        out = self.model(pixels, output_hidden_states=self.hidden_states)
+        embeds = getattr(out, self.pooled).float().cpu().numpy()
+        hidden = out.hidden_states[-2].cpu().numpy() if self.hidden_states else None
+        return [
+            {"image_embeds": embeds[i], **({"hidden_states": hidden[i]} if hidden is not None else {})}
+            for i in range(len(images))
+        ]
+
+
+class ClipEncoder(VisionEncoder):
     """A CLIPVisionModelWithProjection plus its processor; `encode` returns numpy arrays per image."""
 
     def __init__(
@@ -64,20 +95,6 @@ class ClipEncoder:
         return self.processor(prepared, return_tensors="pt").pixel_values
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> list[dict[str, np.ndarray]]:
-        """Per image: `image_embeds` [dim] float32 and, if configured, `hidden_states` [tokens, dim]."""
-        if not images:
-            return []
-        pixels = self.pixel_values(images).to(self.device, self.dtype)
-        out = self.model(pixels, output_hidden_states=self.hidden_states)
-        embeds = out.image_embeds.float().cpu().numpy()
-        hidden = out.hidden_states[-2].cpu().numpy() if self.hidden_states else None
-        return [
-            {"image_embeds": embeds[i], **({"hidden_states": hidden[i]} if hidden is not None else {})}
-            for i in range(len(images))
-        ]
-
-    @torch.inference_mode()
     def uncond(self) -> dict[str, np.ndarray]:
         """The negative embedding diffusers pairs with every image of this encoder (zero pixel values), or
         ComfyUI's (`uncond_image="black"`: a black image through the processor); pooled: zeros either way."""
@@ -91,3 +108,4 @@ class ClipEncoder:
         if self.hidden_states:
             result["hidden_states"] = out.hidden_states[-2][0].cpu().numpy()
         return result
+

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ipa_ops.store.encoders.clip import ClipEncoder, pick_device
+from ipa_ops.store.encoders.clip import ClipEncoder, VisionEncoder, pick_device
 
 
 def is_siglip(folder: str | Path) -> bool:
@@ -29,8 +29,11 @@ def is_siglip(folder: str | Path) -> bool:
     return str(config.get("model_type", "")).startswith("siglip")
 
 
-class SiglipEncoder:
-    """A SiglipVisionModel plus its processor; `encode` returns numpy arrays per image."""
+class SiglipEncoder(VisionEncoder):
+    """A SiglipVisionModel plus its processor; `encode` returns numpy arrays per image (pooled:
+    SigLIP's `pooler_output`)."""
+
+    pooled = "pooler_output"
 
     def __init__(self, folder: str | Path, hidden_states: bool = True, crop: str = "none", gpu: bool = False):
         from transformers import AutoImageProcessor, SiglipVisionModel
@@ -43,20 +46,6 @@ class SiglipEncoder:
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor([img.convert("RGB") for img in images], return_tensors="pt").pixel_values
-
-    @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> list[dict[str, np.ndarray]]:
-        """Per image: `image_embeds` (pooled) float32 and, if configured, `hidden_states` [tokens, dim]."""
-        if not images:
-            return []
-        pixels = self.pixel_values(images).to(self.device, self.dtype)
-        out = self.model(pixels, output_hidden_states=self.hidden_states)
-        embeds = out.pooler_output.float().cpu().numpy()
-        hidden = out.hidden_states[-2].cpu().numpy() if self.hidden_states else None
-        return [
-            {"image_embeds": embeds[i], **({"hidden_states": hidden[i]} if hidden is not None else {})}
-            for i in range(len(images))
-        ]
 
     def uncond(self) -> dict[str, np.ndarray]:
         """diffusers' SD3 negative: zeros of the hidden states' shape (and of the pooled embedding)."""
