@@ -31,6 +31,7 @@ from ipa_ops.store.dataset import EmbeddingStore
 from ipa_ops.zoo import build_family_zoo
 from ipa_ops.zoo.common import save_safetensors
 from ipa_ops.zoo.flux import CLIP_L_REPO, FLUX_REPO, FLUX_TINY, XLABS_REPO, XLABS_WEIGHT, xlabs_state_dict
+from ipa_ops.zoo.flux_controlnet import FLUX_CANNY
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest: tiny models, shared CPU
 
@@ -55,6 +56,8 @@ def _flow_dict(zoo: Path, root: Path, manifest: Path | str) -> dict[str, Any]:
     data = yaml.safe_load((REPO / "flows" / "flux.yaml").read_text())
     data["mirror"] = str(zoo)
     data["adapters"]["second"] = {"source": XLABS_REPO, "weight_name": SECOND, "encoder": "clip-l"}
+    data["models"]["flux"]["controlnet"] = "canny"
+    data["controlnets"] = {"canny": {"source": FLUX_CANNY}}
     data["stages"]["extract"].update(images=REFS, store=str(root / "store"), resources={"batch_size": 8})
     data["stages"]["generate"].update(
         manifest=str(manifest), store=str(root / "store"), output=str(root / "out"),
@@ -81,6 +84,19 @@ ROWS: list[dict[str, Any]] = [
 ]
 
 
+# ControlNet rows (one conditioning scale per call): other control images, references, schedules and guidance
+CONTROL: list[dict[str, Any]] = [
+    {"id": "cn", "seed": 20, "adapters": [_entry("xlabs", REFS[:1], 0.7)], "control_image": REFS[2]},
+    {"id": "cn-other", "seed": 21, "adapters": [_entry("xlabs", REFS[1:2], {"value": 0.9, "end": 0.5})],
+     "control_image": REFS[3], "guidance_scale": 5.0},
+    {"id": "cn-none", "seed": 22, "adapters": [], "control_image": REFS[1], "guidance_scale": 2.0},
+]  # fmt: skip
+for _row in CONTROL:
+    _row.update(task="controlnet", controlnet_scale=0.8)
+MASKED = {"id": "masked", "seed": 23, "adapters": [{**_entry("xlabs", REFS[:1], 0.7),
+                                                   "masks": [str(REPO / "data" / "masks" / "left.png")]}]}  # fmt: skip
+
+
 # true CFG: a negative prompt, the black negative image diffusers uses by default, per-row scales
 TRUE_CFG: list[dict[str, Any]] = [
     {"id": "cfg", "seed": 7, "adapters": [_entry("xlabs", REFS[:1], 0.7)], "negative_prompt": "blurry",
@@ -104,7 +120,7 @@ def ws(flux_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("flux-ws")
     Image.new("RGB", (32, 32)).save(root / "black.png")  # what FluxPipeline encodes as the negative image by default
     manifest = root / "rows.csv"
-    rows = ROWS + IMAGE_TASKS + [
+    rows = ROWS + IMAGE_TASKS + CONTROL + [MASKED] + [
         {**r, "adapters": [{**a, "negative_images": [str(root / "black.png")]} for a in r["adapters"]]}
         for r in TRUE_CFG
     ]
@@ -120,7 +136,8 @@ def ws(flux_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory
     assert errors == []
     store = EmbeddingStore(str(root / "store"))
     rows = {p.id: prepare(p, store) for p in plans}
-    return {"flow": flow, "rows": rows, "root": root, "generator": Generator(flow, device="cpu", batch_size=8)}
+    return {"flow": flow, "data": data, "rows": rows, "root": root,
+            "generator": Generator(flow, device="cpu", batch_size=8)}  # fmt: skip
 
 
 def _guide_pipe(zoo: Path, weights: list[str], scale: Any) -> FluxPipeline:
@@ -352,3 +369,72 @@ def test_example_flow_validates_and_runs_on_the_zoo(
     store = ws["root"] / "store"  # the extract stage filled it with the same encoder over the same data/refs
     run_example_flow("flux", flux_zoo, store, tmp_path, monkeypatch, capsys)
 
+
+
+def _calls(generator: Generator, rows: list[RowRequest]) -> tuple[list[Any], int]:
+    """The rows' outputs and how many times the transformer ran."""
+    transformer = generator.load("flux").pipe.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    return outs, len(calls)
+
+
+def test_controlnet_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
+    """`FluxControlNetPipeline.from_pipe(<IP-Adapter pipeline>, controlnet=FluxControlNetModel...)` with the
+    reference as `ip_adapter_image` and the control image as `control_image`."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    row = ws["rows"]["cn"]
+    controlnet = FluxControlNetModel.from_pretrained(flux_zoo / FLUX_CANNY, dtype=torch.float32)
+    pipe = FluxControlNetPipeline.from_pipe(_guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.7), controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _guide_call(pipe, row, [_image(REFS[0])], control_image=_image(REFS[2]),
+                           controlnet_conditioning_scale=0.8)  # fmt: skip
+    ours = _ours(ws["generator"], row)
+    assert np.abs(ours - expected).max() < TOL
+    plain = _guide_call(pipe, row, [_image(REFS[0])], control_image=_image(REFS[1]), controlnet_conditioning_scale=0.8)
+    assert np.abs(ours - plain).max() > 1e-2  # the control image counts
+
+
+def test_controlnet_rows_with_their_own_guidance_share_a_call(ws: dict[str, Any]) -> None:
+    """Three ControlNet rows: other control images, references, schedules and distilled guidance (the
+    ControlNet gets each row's too), one without the adapter, in one transformer call per step."""
+    generator: Generator = ws["generator"]
+    rows = [ws["rows"][r["id"]] for r in CONTROL]
+    outs, calls = _calls(generator, rows)
+    assert [o.error for o in outs] == [""] * len(rows)
+    assert calls == rows[0].steps
+    for row, out in zip(rows, outs, strict=True):
+        assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
+
+
+def test_lora_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
+    """A flow LoRA: `load_ip_adapter`, then `FluxPipeline.load_lora_weights(..., adapter_name=...)`, `set_adapters`."""
+    from ipa_ops.zoo.lora import WEIGHT_NAME, save_transformer_lora
+
+    folder = flux_zoo / "test-loras" / "flux-style"
+    base = _guide_pipe(flux_zoo, [XLABS_WEIGHT], 0.7)
+    if not (folder / WEIGHT_NAME).exists():
+        save_transformer_lora(FluxPipeline, folder, base.transformer, rank=4, name="flux-style")
+    base.load_lora_weights(str(folder), weight_name=WEIGHT_NAME, adapter_name="style")
+    base.set_adapters(["style"], adapter_weights=[0.8])
+    row = ws["rows"]["guide"]
+    expected = _guide_call(base, row, [_image(REFS[0])])
+    data = json.loads(json.dumps(ws["data"]))
+    data["loras"] = {"style": {"source": "test-loras/flux-style", "weight": 0.8}}
+    ours = _ours(Generator(parse_flow(data), device="cpu", batch_size=8), row)
+    assert np.abs(ours - expected).max() < TOL
+    assert np.abs(ours - _ours(ws["generator"], row)).max() > 1e-2  # the LoRA does something
+
+
+def test_region_masks_fail_alone_with_one_line(ws: dict[str, Any]) -> None:
+    outs = ws["generator"].generate([ws["rows"]["masked"], ws["rows"]["guide"]])
+    assert outs[0].error == (
+        "ValueError: row masked: adapters.xlabs: region masks are not supported on Flux (diffusers' IP "
+        "attention for Flux has no mask); drop the row's masks or run it on an SD1.5/SDXL model"
+    )
+    assert outs[1].error == ""

@@ -54,6 +54,19 @@ ROWS: list[dict[str, Any]] = [
     {"id": "average", "seed": 6, "adapters": [{**_entry(REFS[2:4], 0.6), "combine": "average"}]},
 ]
 NEGATIVE = {"id": "negative", "seed": 7, "adapters": [_entry(REFS[:1], 0.5)], "negative_prompt": "blurry"}
+MASKS = [str(REPO / "data" / "masks" / "left.png")]
+# img2img rows share a call (one strength); their init images, references and scales are per row
+IMAGE_TASKS: list[dict[str, Any]] = [
+    {"id": "img2img", "seed": 10, "adapters": [_entry(REFS[:1], 0.5)], "task": "img2img", "init_image": REFS[3]},
+    {"id": "img2img-other", "seed": 11, "adapters": [_entry(REFS[1:2], {"value": 0.9, "end": 0.5})],
+     "task": "img2img", "init_image": REFS[2]},
+    {"id": "img2img-none", "seed": 12, "adapters": [], "task": "img2img", "init_image": REFS[1]},
+    {"id": "inpaint", "seed": 13, "adapters": [_entry(REFS[2:3], 0.5)], "task": "inpaint", "init_image": REFS[3],
+     "mask_image": str(REPO / "data" / "masks" / "left.png")},
+    {"id": "masked", "seed": 14, "adapters": [{**_entry(REFS[:1], 0.5), "masks": MASKS}]},
+]  # fmt: skip
+for _row in IMAGE_TASKS[:4]:
+    _row.update(strength=0.6, steps=4)  # 4 steps at strength 0.6: the last 3 are run
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +78,9 @@ def sd3_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ws(sd3_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sd3-ws")
     manifest = root / "rows.csv"
-    frame = pd.DataFrame([{"prompt": "a photo of a cat", **r} for r in [*ROWS, NEGATIVE]])
+    frame = pd.DataFrame([{"prompt": "a photo of a cat", **r} for r in [*ROWS, NEGATIVE, *IMAGE_TASKS]])
     frame["adapters"] = frame["adapters"].map(json.dumps)
+    frame["steps"] = frame["steps"].astype("Int64")  # empty for most rows, not 4.0
     frame.to_csv(manifest, index=False)
     data = yaml.safe_load((REPO / "flows" / "sd3.yaml").read_text())
     data["mirror"] = str(sd3_zoo)
@@ -172,3 +186,92 @@ def test_example_flow_validates_and_runs_on_the_zoo(
     store = ws["root"] / "store"  # the extract stage filled it with the same encoder over the same data/refs
     run_example_flow("sd3", sd3_zoo, store, tmp_path, monkeypatch, capsys)
 
+
+
+def _calls(generator: Generator, rows: list[RowRequest]) -> tuple[list[Any], int]:
+    """The rows' outputs and how many times the transformer ran."""
+    transformer = generator.load("sd3").pipe.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    return outs, len(calls)
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_match_the_guide(ws: dict[str, Any], sd3_zoo: Path, task: str) -> None:
+    """diffusers' StableDiffusion3Img2ImgPipeline / StableDiffusion3InpaintPipeline take IP-Adapter embeddings:
+    the guide's call made with `from_pipe` over the IP-Adapter pipeline."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+
+    row = ws["rows"][task]
+    base = _guide_pipe(sd3_zoo, 0.5)
+    kwargs: dict[str, Any] = {"image": Image.open(REFS[3]).convert("RGB").resize((32, 32)), "strength": 0.6}
+    if task == "inpaint":
+        pipe = StableDiffusion3InpaintPipeline.from_pipe(base)
+        kwargs["mask_image"] = Image.open(REPO / "data" / "masks" / "left.png").convert("L").resize((32, 32))
+    else:
+        pipe = StableDiffusion3Img2ImgPipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    reference = Image.open(REFS[0 if task == "img2img" else 2]).convert("RGB")
+    expected = pipe(
+        row.prompt, ip_adapter_image=reference, num_inference_steps=row.steps, guidance_scale=row.guidance_scale,
+        width=row.width, height=row.height, generator=torch.Generator("cpu").manual_seed(row.seed),
+        output_type="np", **kwargs,
+    ).images[0]  # fmt: skip
+    ours = _ours(ws["generator"], row)
+    assert np.abs(ours - expected).max() < TOL
+    assert np.abs(ours - _ours(ws["generator"], ws["rows"]["guide"])).max() > 1e-2  # the init image counts
+
+
+def test_img2img_rows_share_a_call_and_equal_each_row_alone(ws: dict[str, Any]) -> None:
+    """Three img2img rows (other init images, references, schedules, one without the adapter) in one call."""
+    generator: Generator = ws["generator"]
+    rows = [ws["rows"][r] for r in ("img2img", "img2img-other", "img2img-none")]
+    outs, calls = _calls(generator, rows)
+    assert [o.error for o in outs] == [""] * len(rows)
+    assert calls == _calls(generator, rows[:1])[1] == 3  # as many transformer calls as one row alone
+    for row, out in zip(rows, outs, strict=True):
+        assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
+
+
+def test_lora_row_matches_the_guide(ws: dict[str, Any], sd3_zoo: Path) -> None:
+    """A flow LoRA: `load_ip_adapter`, then `load_lora_weights(..., adapter_name=...)` and `set_adapters`."""
+    from ipa_ops.zoo.lora import WEIGHT_NAME, save_transformer_lora
+
+    folder = sd3_zoo / "test-loras" / "sd35-style"
+    base = _guide_pipe(sd3_zoo, 0.5)
+    if not (folder / WEIGHT_NAME).exists():
+        save_transformer_lora(StableDiffusion3Pipeline, folder, base.transformer, rank=4, name="sd35-style")
+    base.load_lora_weights(str(folder), weight_name=WEIGHT_NAME, adapter_name="style")
+    base.set_adapters(["style"], adapter_weights=[0.8])
+    row = ws["rows"]["guide"]
+    expected = _guide_call(base, row, Image.open(REFS[0]).convert("RGB"))
+    data = json.loads(json.dumps(ws["data"]))
+    data["loras"] = {"style": {"source": "test-loras/sd35-style", "weight": 0.8}}
+    ours = _ours(Generator(parse_flow(data), device="cpu", batch_size=8), row)
+    assert np.abs(ours - expected).max() < TOL
+    assert np.abs(ours - _ours(ws["generator"], row)).max() > 1e-2  # the LoRA does something
+
+
+def test_region_masks_fail_alone_with_one_line(ws: dict[str, Any]) -> None:
+    outs = ws["generator"].generate([ws["rows"]["masked"], ws["rows"]["guide"]])
+    assert outs[0].error == (
+        "ValueError: row masked: adapters.instantx: region masks are not supported on SD3.5 (diffusers' IP "
+        "attention for SD3.5 has no mask); drop the row's masks or run it on an SD1.5/SDXL model"
+    )
+    assert outs[1].error == ""
+
+
+def test_validate_refuses_a_second_sd3_adapter(
+    ws: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(json.dumps(ws["data"]))
+    data["adapters"]["again"] = dict(data["adapters"]["instantx"])
+    assert validate_lines(tmp_path, data, capsys) == [
+        "adapters: again, instantx are all SD3.5 IP-Adapters, but an SD3.5 pipeline takes one (diffusers' SD3 "
+        "loader and InstantX's processor hold one image projection and one IP attention per block); keep one of "
+        "them in this flow and run the others in a flow of their own"
+    ]

@@ -182,7 +182,7 @@ class Generator:
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
             output_type="np",
-            **tasks.call_kwargs(rows),
+            **tasks.call_kwargs(rows, pipe),
             **family.call_kwargs(pipe, rows),
         )
         state = None

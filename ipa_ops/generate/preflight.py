@@ -224,7 +224,20 @@ def check_flow(flow: Flow) -> tuple[dict[str, AdapterFacts], list[str]]:
         if found is not None:
             facts[alias] = found
         problems += issues
-    return facts, problems
+    return facts, problems + _one_sd3_adapter(facts)
+
+
+def _one_sd3_adapter(facts: dict[str, AdapterFacts]) -> list[str]:
+    """An SD3.5 pipeline holds one InstantX adapter: diffusers' loader takes one file and the
+    transformer one image projection and one IP attention per joint block (no list as for UNets)."""
+    sd3 = [alias for alias, f in facts.items() if f.family == "sd3"]
+    if len(sd3) < 2:
+        return []
+    return [
+        f"adapters: {', '.join(sd3)} are all SD3.5 IP-Adapters, but an SD3.5 pipeline takes one (diffusers' "
+        f"SD3 loader and InstantX's processor hold one image projection and one IP attention per block); "
+        f"keep one of them in this flow and run the others in a flow of their own"
+    ]
 
 
 def check_models(flow: Flow) -> list[str]:

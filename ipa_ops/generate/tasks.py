@@ -5,8 +5,9 @@ way diffusers documents, sharing its components instead of loading them again:
 
 - img2img / inpaint: `AutoPipelineForImage2Image/Inpainting.from_pipe(base)`;
 - controlnet: `AutoPipelineForText2Image.from_pipe(base, controlnet=ControlNetModel.from_pretrained(...))`
-  (the model's `controlnet:` alias names the ControlNet), so the IP-Adapter attention and the
-  LoRAs of the base UNet serve ControlNet rows too;
+  (the model's `controlnet:` alias names the ControlNet; a `FluxControlNetModel` folder makes a
+  `FluxControlNetPipeline`), so the IP-Adapter attention and the LoRAs of the base denoiser serve
+  ControlNet rows too;
 - video: `AnimateDiffPipeline.from_pipe(base, motion_adapter=..., unet=<the base UNet's weights>)`.
   AnimateDiff needs its own `UNetMotionModel` (diffusers builds it from a plain UNet2D with
   `from_unet2d`), so the video pipeline gets a clean copy of the UNet weights, and then the
@@ -20,6 +21,7 @@ adds to a row's plan and key. Writing a row's files is `outputs/files.py`.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any
@@ -85,7 +87,7 @@ def task_pipe(loaded: LoadedModel, task: str, model: str | None, flow: Flow, dev
             pipe = AutoPipelineForInpainting.from_pipe(loaded.pipe)
         elif task == "controlnet":
             assert spec is not None and spec.controlnet is not None
-            controlnet = _controlnet(flow, spec.controlnet, loaded.pipe.unet.dtype, device)
+            controlnet = _controlnet(flow, spec.controlnet, loaded.dtype, device)
             pipe = AutoPipelineForText2Image.from_pipe(loaded.pipe, controlnet=controlnet)
         else:
             raise ValueError(f"task {task!r} is not supported; use text2img, img2img, inpaint, controlnet or video")
@@ -94,12 +96,20 @@ def task_pipe(loaded: LoadedModel, task: str, model: str | None, flow: Flow, dev
     return loaded.task_pipes[key]
 
 
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # UNet families' and Flux's
+
+
 def _controlnet(flow: Flow, alias: str, dtype: Any, device: str) -> Any:
-    from diffusers import ControlNetModel
+    """The ControlNet of a flow alias, as the class its `config.json` names (UNet or Flux ControlNet)."""
+    import diffusers
 
     spec = flow.controlnets[alias]
     folder = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), f"controlnet {alias!r}").folder
-    return ControlNetModel.from_pretrained(folder, variant=spec.variant, dtype=dtype).to(device)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    name = config.get("_class_name", "ControlNetModel")
+    if name not in CONTROLNET_CLASSES:
+        raise ValueError(f"controlnets.{alias}: {name} is not supported; use a {' or '.join(CONTROLNET_CLASSES)}")
+    return getattr(diffusers, name).from_pretrained(folder, variant=spec.variant, dtype=dtype).to(device)
 
 
 def scheduler(loaded: LoadedModel, name: str | None, options: dict[str, Any]) -> Any:
@@ -123,8 +133,11 @@ def scheduler(loaded: LoadedModel, name: str | None, options: dict[str, Any]) ->
 
 
 # -- one call ----------------------------------------------------------------------------
-def call_kwargs(rows: list[RowRequest]) -> dict[str, Any]:
-    """The task's own pipeline arguments for a batch of rows that share a group key."""
+def call_kwargs(rows: list[RowRequest], pipe: Any = None) -> dict[str, Any]:
+    """The task's own pipeline arguments for a batch of rows that share a group key.
+
+    The control images go in as `image` (UNet ControlNet pipelines) or `control_image` (Flux's),
+    whichever the pipeline's call takes."""
     first = rows[0]
     task = first.task
     if task in ("img2img", "inpaint"):
@@ -134,7 +147,10 @@ def call_kwargs(rows: list[RowRequest]) -> dict[str, Any]:
         return out
     out = dict(height=first.height, width=first.width)
     if task == "controlnet":
-        out.update(image=[r.control_image for r in rows], controlnet_conditioning_scale=float(first.controlnet_scale))
+        takes = inspect.signature(pipe.__call__).parameters if pipe is not None else {}
+        control = "control_image" if "control_image" in takes else "image"
+        out[control] = [r.control_image for r in rows]
+        out["controlnet_conditioning_scale"] = float(first.controlnet_scale)
     elif task == "video":
         out.update(num_frames=int(first.num_frames or 16))
     return out

@@ -166,6 +166,12 @@ def _clip_l(path: Path, sizes: ZooSizes) -> None:
     build_clip_l(path, sizes)
 
 
+def _flux_canny(path: Path, sizes: ZooSizes) -> None:
+    from .flux_controlnet import build_flux_canny
+
+    build_flux_canny(path, sizes)
+
+
 def _instantx(path: Path, sizes: ZooSizes) -> None:
     from .sd3 import build_instantx
 
@@ -192,6 +198,7 @@ FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
         Repo("black-forest-labs/FLUX.1-schnell", _flux_schnell),
         Repo("XLabs-AI/flux-ip-adapter", _xlabs),
         Repo("openai/clip-vit-large-patch14", _clip_l),
+        Repo("InstantX/FLUX.1-dev-Controlnet-Canny", _flux_canny),
     ),
     "sd3": (
         Repo("stabilityai/stable-diffusion-3.5-large", _sd35),

@@ -13,7 +13,7 @@ shortcuts, resampler convolutions and time-embedding projections. Linear layers 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .common import generator, save_safetensors, torch_dtype
 from .sd import sd15_unet_config, unet_from_config
@@ -71,3 +71,29 @@ def build_lcm_lora_sd15(path: Path, sizes: ZooSizes) -> None:
     """The LCM-LoRA repository root: ``pytorch_lora_weights.safetensors`` for the SD1.5 UNet."""
     state = lora_state_dict(sd15_unet_config(sizes.sd15_unet), sizes.lcm_lora_rank, sizes.dtype, LCM_LORA_SD15)
     save_safetensors(path / WEIGHT_NAME, state)
+
+
+def transformer_lora_state_dict(
+    transformer: Any, rank: int, name: str, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+) -> dict[str, torch.Tensor]:
+    """Seeded LoRA tensors for a Flux / SD3 transformer's attention projections, in PEFT naming
+    (`<module>.lora_A.weight` [rank, in], `<module>.lora_B.weight` [out, rank]): what
+    `save_lora_weights(transformer_lora_layers=...)` writes and `load_lora_weights` reads back.
+    Both factors are random (a trained LoRA's B is not zero), so the LoRA changes the image."""
+    import torch
+
+    gen = generator(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(path.endswith(".attn." + t) for t in targets):
+            fan_in, fan_out = module.in_features, module.out_features
+            out[f"{path}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+            out[f"{path}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.5 / rank**0.5
+    return dict(sorted(out.items()))
+
+
+def save_transformer_lora(pipeline_class: Any, folder: Path, transformer: Any, rank: int, name: str) -> Path:
+    """`<folder>/pytorch_lora_weights.safetensors` through the pipeline class's own `save_lora_weights`."""
+    state = transformer_lora_state_dict(transformer, rank, name)
+    pipeline_class.save_lora_weights(str(folder), transformer_lora_layers=state, weight_name=WEIGHT_NAME)
+    return folder / WEIGHT_NAME

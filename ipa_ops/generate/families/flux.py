@@ -15,8 +15,10 @@ What differs from the UNet families:
 - per-block scales are one value per double block, `{"blocks": [19 values]}` (what
   `set_ip_adapter_scale` takes as a list) or `{"blocks": 0.5}`; the InstantStyle presets name
   UNet blocks and do not apply.
-- img2img and inpaint run on `FluxImg2ImgPipeline` / `FluxInpaintPipeline` (`from_pipe`, as for
-  the UNet families); ControlNet, video and LoRAs are not wired for Flux.
+- img2img and inpaint run on `FluxImg2ImgPipeline` / `FluxInpaintPipeline`, ControlNet rows on
+  `FluxControlNetPipeline` (`from_pipe`, as for the UNet families; the ControlNet gets each row's
+  guidance too); the flow's LoRAs load with `FluxPipeline.load_lora_weights` (loras.py). Video
+  and region masks are not supported.
 - the pipeline is given each row's embeddings through `ip_adapter_image_embeds` and its own
   `prepare_ip_adapter_image_embeds` is bypassed (it would repeat them once per prompt).
 """
@@ -151,10 +153,11 @@ class FluxFamily:
                     f"row {r.id}: on Flux a negative_prompt is used only with true CFG: set both "
                     f"negative_prompt and true_cfg_scale (> 1), or neither"
                 )
+        out = transformer_task_kwargs("Flux", rows)
         guidance = torch.tensor([float(r.guidance_scale) for r in rows], dtype=torch.float32)
         flux_attention.set_guidance(pipe.transformer, guidance)
-        # FluxImg2ImgPipeline defaults to 1024 px, not the init image's size (inpaint gets the size from tasks.py)
-        out: dict[str, Any] = {"height": rows[0].height, "width": rows[0].width} if rows[0].task == "img2img" else {}
+        if getattr(pipe, "controlnet", None) is not None:  # FluxControlNetModel reads the guidance too
+            flux_attention.set_guidance(pipe.controlnet, guidance)
         if rows[0].true_cfg_scale is not None:
             out["true_cfg_scale"] = RowScales([float(r.true_cfg_scale) for r in rows])
             out["negative_prompt"] = [r.negative_prompt for r in rows]
@@ -173,10 +176,31 @@ class FluxFamily:
     def end_call(self, pipe: Any) -> None:
         pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
         flux_attention.set_guidance(pipe.transformer, None)
+        if getattr(pipe, "controlnet", None) is not None:
+            flux_attention.set_guidance(pipe.controlnet, None)
 
     def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
         """`{"blocks": v}` or `{"blocks": [one value per double block]}`, as set_ip_adapter_scale reads a list."""
         return block_scales("Flux", "double", blocks, layer_names)
+
+
+def transformer_task_kwargs(model: str, rows: Sequence[Any]) -> dict[str, Any]:
+    """What a transformer family's call adds per task; region masks are refused in one line (see below).
+
+    The img2img pipelines of Flux and SD3.5 default to 1024 px (`default_sample_size`), not the
+    init image's size, so they are given the row's (inpaint gets it from tasks.py). Neither
+    family's IP attention has a region-mask path in diffusers (Flux's accepts `ip_adapter_masks`
+    and ignores them; SD3's has no such argument), so there is no reference to match: a row with
+    masks fails alone rather than being run without them.
+    """
+    for r in rows:
+        masked = [x.alias for x in r.adapters if x.masks is not None]
+        if masked:
+            raise ValueError(
+                f"row {r.id}: adapters.{masked[0]}: region masks are not supported on {model} (diffusers' IP "
+                f"attention for {model} has no mask); drop the row's masks or run it on an SD1.5/SDXL model"
+            )
+    return {"height": rows[0].height, "width": rows[0].width} if rows[0].task == "img2img" else {}
 
 
 class RowScales(float):

@@ -8,7 +8,11 @@ become `sd3_attention`'s batched ones. The call is the UNet families' in shape: 
 guidance batches `[negative; positive]` (negative image: zeros, as diffusers), and per-row
 embeddings go in through `ip_adapter_image_embeds` with the pipeline's own preparation bypassed.
 Per-block scales are `{"blocks": [one value per joint block]}` or `{"blocks": v}`; one reference
-image per row (diffusers' projection takes one image's tokens), several only when combined.
+image per row (diffusers' projection takes one image's tokens), several only when combined; one
+adapter per flow (`ipa validate` refuses a second). img2img and inpaint run on diffusers'
+`StableDiffusion3Img2ImgPipeline` / `StableDiffusion3InpaintPipeline` (both take IP-Adapter
+embeddings), made with `from_pipe`; the flow's LoRAs load with `load_lora_weights` (loras.py).
+Region masks are refused (`flux.transformer_task_kwargs`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ipa_ops.generate import sd3_attention
 from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.families.base import ClassifierFreeGuidance
-from ipa_ops.generate.families.flux import FluxFamily, _NoPresets, block_scales
+from ipa_ops.generate.families.flux import FluxFamily, _NoPresets, block_scales, transformer_task_kwargs
 from ipa_ops.generate.families.sd3_layout import instantx_adapter_facts
 
 
@@ -85,6 +89,9 @@ class SD3Family(ClassifierFreeGuidance):
 
     def uses_cfg(self, pipe: Any, guidance_scale: float) -> bool:
         return guidance_scale > 1
+
+    def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
+        return {**super().call_kwargs(pipe, rows), **transformer_task_kwargs("SD3.5", rows)}
 
     def ip_call(
         self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool
