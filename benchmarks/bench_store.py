@@ -82,6 +82,11 @@ def main() -> None:
     print(f"write: {write_s:.1f} s (build_table + zstd + fsync), {len(files)} parts, {size / 1e9:.2f} GB on disk, "
           f"{size / args.images / 1e6:.2f} MB per image ({size / (raw * args.images):.3f} of raw)")  # fmt: skip
 
+    import pyarrow as pa
+    import torch  # loaded in every generate worker already: not part of a read
+
+    pa.array(np.zeros(4, np.float16)).to_numpy()  # pyarrow's first float16 conversion costs ~1.5 s once
+    del torch
     t0 = time.perf_counter()
     reader = EmbeddingStore(str(root))
     n_keys = len(reader.keys())
@@ -101,8 +106,44 @@ def main() -> None:
     many_s = time.perf_counter() - t0
     assert len(got) == len(picked)
     print(f"read: one key {one_s * 1e3:.0f} ms; 100 random keys {many_s:.2f} s ({many_s * 10:.0f} ms a key)")
+    compare_encodings(next(iter(reader._parts)))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def compare_encodings(part_path: str, rounds: int = 3) -> None:
+    """Decode time per row of the first row group's hidden states as the store's fixed-size list column
+    and as a binary column of the same bytes (one row per group each, in memory, zstd), interleaved."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(part_path).read_row_group(0, columns=["hidden_states"]).column(0).combine_chunks()
+    flat = column.values.to_numpy().reshape(len(column), -1)
+    tables = {
+        "fixed_size_list": pa.table({"h": column}),
+        "binary": pa.table({"h": pa.array([r.tobytes() for r in flat], pa.binary())}),
+    }
+    files = {}
+    for name, table in tables.items():
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=1)
+        files[name] = buf.getvalue()
+    seconds = dict.fromkeys(files, 0.0)
+    for _ in range(rounds):
+        for name, data in files.items():
+            pf = pq.ParquetFile(io.BytesIO(data))
+            t0 = time.perf_counter()
+            for g in range(pf.num_row_groups):
+                col = pf.read_row_group(g).column(0).combine_chunks()
+                values = col.values if name == "fixed_size_list" else col.buffers()[2]
+                np.asarray(values if name == "binary" else values.to_numpy())
+            seconds[name] += time.perf_counter() - t0
+    per_row = {name: seconds[name] / (rounds * len(column)) for name in seconds}
+    fsl, binary = per_row["fixed_size_list"], per_row["binary"]
+    print(f"decode per row, {len(column)} rows x {rounds} interleaved rounds: fixed_size_list "
+          f"{fsl * 1e3:.1f} ms, binary {binary * 1e3:.1f} ms ({fsl / binary:.1f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":
