@@ -153,7 +153,8 @@ class EncodeActor:
 
             folder = clip_folder(self.spec, self.mirror)  # CLIP, or SigLIP (SD3.5's encoder) by its config
             self._encoder = vision_encoder(
-                folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu, uncond_image=self.spec.uncond_image
+                folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu, uncond_image=self.spec.uncond_image,
+                prep=self.spec.prep,
             )
         else:
             from ipa_ops.store.encoders.face import FaceEncoder
