@@ -72,7 +72,7 @@ def test_sharpening_is_comfyuis_contrast_adaptive_sharpening(amount: float) -> N
     image = _picture(301, 200, seed=9)
     got = prep.prepare(image, ReferencePrep(crop_position="right", sharpening=amount, interpolation="BICUBIC"))
     expected = prep_image(to_tensor_image(image), "BICUBIC", "right", amount)[0].numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
     plain = prep.prepare(image, ReferencePrep(crop_position="right", interpolation="BICUBIC"))
     assert abs(got - plain).max() > 0.01  # sharpening changes the pixels
     black = np.zeros((8, 8, 3), dtype=np.float32)  # 0/0 in the local weight: ComfyUI's nan_to_num gives black

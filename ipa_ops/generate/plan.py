@@ -21,6 +21,7 @@ from ipa_ops.flow.spec import Flow, GenerateStage
 from ipa_ops.generate import conditioning, faceid, loras, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.manifest.frames import FrameOptions, frame_plan
 from ipa_ops.outputs.folder import row_key
 from ipa_ops.store.dataset import EmbeddingStore, content_key
 from ipa_ops.store.images import read_image, sha256_of
@@ -47,6 +48,7 @@ class AdapterPlan:
     face: dict[str, Any] | None = None  # FaceID-Plus: crop keys, their clip encoder, shortcut scale (faceid.py)
     image_weights: list[float] | None = None  # per image, before combining (ComfyUI's IPAdapterEncoder weight)
     embeds_scaling: str | None = None  # ComfyUI's embeds scaling; None: V only
+    frames: dict[str, Any] | None = None  # video: {"unfold": bool, "weights": one per frame or None} (frames.py)
 
 
 @dataclass
@@ -179,6 +181,7 @@ def plan_row(
                 face=face.plus if face is not None else None,
                 image_weights=list(ref.image_weights) if getattr(ref, "image_weights", None) else None,
                 embeds_scaling=_embeds_scaling(getattr(ref, "embeds_scaling", None)),
+                frames=_frames(where, getattr(ref, "frames", None), request),
             )
         )
         adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"]))
@@ -255,7 +258,7 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, 
     }
 
 
-_NEW_FIELDS = ("face", "image_weights", "embeds_scaling")  # left out of row keys when unset: old keys stay
+_NEW_FIELDS = ("face", "image_weights", "embeds_scaling", "frames")  # left out of row keys when unset: old keys stay
 
 
 def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict[str, float]:
@@ -267,6 +270,16 @@ def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict
 def _embeds_scaling(value: str | None) -> str | None:
     """ComfyUI's default (V only, diffusers' maths) is stored as unset, so old row keys stay."""
     return None if value in (None, "", "V only") else value
+
+
+def _frames(where: str, options: FrameOptions | None, request: dict[str, Any]) -> dict[str, Any] | None:
+    """A video row's per-frame controls, resolved to one weight per frame; an error line otherwise."""
+    if options is not None and request["task"] != "video":
+        raise PlanError(f"{where}.frames: per-frame controls are for task video rows; this row is {request['task']}")
+    try:
+        return frame_plan(options, request.get("num_frames"))
+    except ValueError as exc:
+        raise PlanError(f"{where}.{exc}") from None
 
 
 def _check_model(
@@ -301,7 +314,8 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
         if a.image_weights:  # ComfyUI's encoder weight: the image's embedding scaled, its negative not
             embeds = embeds * torch.tensor(a.image_weights, dtype=embeds.dtype).view(-1, *[1] * (embeds.ndim - 1))
         given = torch.stack(store.get(a.negative_keys, field=a.field)) if a.negative_keys else None
-        combined = conditioning.combine(embeds, a.combine)
+        unfold = bool((a.frames or {}).get("unfold"))
+        combined = embeds if unfold else conditioning.combine(embeds, a.combine)  # unfold: one image per frame
         negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
         masks = None
         if a.masks:
@@ -317,7 +331,13 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
             masks = conditioning.preprocess_masks(images, w, h, soft=a.soft_masks)
         scaling = a.embeds_scaling or "V only"
         schedule = parse_schedule(a.scale)
-        req.adapters.append(AdapterInput(a.alias, combined, negative, schedule, masks, embeds_scaling=scaling))
+        weights = (a.frames or {}).get("weights")
+        req.adapters.append(
+            AdapterInput(
+                a.alias, combined, negative, schedule, masks, embeds_scaling=scaling, unfold=unfold,
+                frame_weights=torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
+            )  # fmt: skip
+        )
         if a.face is not None:
             faceid.attach(req.adapters[-1], a.face, a.combine, store)
     return req

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.flow.spec import Flow, GenerateStage
 from ipa_ops.manifest.cells import cell_problem
+from ipa_ops.manifest.frames import FrameOptions, frame_checks
 from ipa_ops.manifest.reading import COLUMN_NAMES, check_columns, coerce_cell, did_you_mean, normalize_adapters
 from ipa_ops.manifest.rows import CHOICES, STORE_KEY, TASK_COLUMNS, AdapterRef, FaceOptions, ManifestRow
 
@@ -156,6 +157,11 @@ def _decode_adapters(value: Any, ctx: _Context, issues: list[tuple[str, str]]) -
                 )
         elif "face" not in entry and spec is not None and _is_faceid(ctx.flow, entry["adapter"]):
             entry["face"] = {}
+        if isinstance(entry.get("frames"), str):
+            try:
+                entry["frames"] = json.loads(entry["frames"])
+            except (json.JSONDecodeError, RecursionError) as exc:
+                issues.append((f"adapters[{i}].frames", f'not valid JSON ({_msg(exc)}); write e.g. {{"unfold": true}}'))
         out.append(entry)
     return out
 
@@ -229,7 +235,10 @@ def _adapter_checks(
                     f"(face_crop, or face.crop: true); not {alias!r}",
                 )
     images, masks, negatives = (_str_list(entry.get(k)) for k in ("images", "masks", "negative_images"))
-    counts_ok = images is not None and masks is not None and (not masks or len(masks) == len(images))
+    unfold = isinstance(entry.get("frames"), dict) and entry["frames"].get("unfold") is True
+    counts_ok = images is not None and masks is not None and (not masks or unfold or len(masks) == len(images))
+    if isinstance(entry.get("frames"), dict):
+        yield from frame_checks(at, entry, data)
     if images is not None and masks and not counts_ok:
         yield f"{at}.masks", f"{_n(len(masks), 'mask')} for {_n(len(images), 'image')}; give one mask per image or none"
     weights = entry.get("image_weights")
@@ -294,7 +303,8 @@ def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     last = next((p for p in reversed(loc) if isinstance(p, str)), "")
     if kind == "extra_forbidden":
-        owner = FaceOptions if loc[-2:-1] == ("face",) else AdapterRef if loc[:1] == ("adapters",) else ManifestRow
+        nested = {("face",): FaceOptions, ("frames",): FrameOptions}.get(tuple(loc[-2:-1]))
+        owner = nested or (AdapterRef if loc[:1] == ("adapters",) else ManifestRow)
         keys = [k for k in owner.model_fields if k != "metadata"]
         return field, f"unknown key{did_you_mean(str(loc[-1]), keys)}; allowed: {', '.join(keys)}"
     if kind == "missing":

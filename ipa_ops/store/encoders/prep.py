@@ -15,6 +15,7 @@ The result is ComfyUI's float image in [0, 1]; `to_pil` rounds it to 8 bits exac
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ipa_ops.flow.prep import ReferencePrep
@@ -48,19 +49,21 @@ def sharpen(pixels: np.ndarray, amount: float) -> np.ndarray:
     """Contrast-adaptive sharpening of an [H, W, C] float image in [0, 1] (zero-padded borders).
 
     Each pixel's cross (4 neighbours and itself) and diagonal neighbours give a local contrast
-    range; the sharpening weight shrinks where contrast is high, so edges do not ring."""
-    x = np.pad(pixels.astype(np.float32), ((1, 1), (1, 1), (0, 0)))
-    at = {(r, c): x[r : r + pixels.shape[0], c : c + pixels.shape[1]] for r in range(3) for c in range(3)}
-    cross = np.stack([at[0, 1], at[1, 0], at[1, 1], at[1, 2], at[2, 1]])
-    diagonal = np.stack([at[0, 0], at[0, 2], at[2, 0], at[2, 2]])
-    low = np.clip(cross.min(0), 0, None) + np.clip(diagonal.min(0), 0, None)
-    high = np.clip(cross.max(0), None, 1) + np.clip(diagonal.max(0), None, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        amp = np.sqrt(np.reciprocal(high) * np.minimum(low, 2 - high))
-        weight = -amp * np.float32(amount * (1 / 5 - 1 / 8) + 1 / 8)
-        out = ((at[0, 1] + at[1, 0] + at[1, 2] + at[2, 1]) * weight + at[1, 1]) * np.reciprocal(1 + 4 * weight)
-    finite = np.finfo(np.float32)
-    return np.clip(np.nan_to_num(out, nan=0.0, posinf=finite.max, neginf=finite.min), 0, 1).astype(np.float32)
+    range; the sharpening weight shrinks where contrast is high, so edges do not ring. Computed with
+    torch on the CPU, where ComfyUI computes it, so the result matches it to the last bit (numpy's
+    square root rounds differently, and one ulp can flip an 8-bit level)."""
+    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)
+    x = torch.nn.functional.pad(image, (1, 1, 1, 1))
+    h, w = pixels.shape[:2]
+    at = {(r, c): x[:, r : r + h, c : c + w] for r in range(3) for c in range(3)}
+    cross = torch.stack([at[0, 1], at[1, 0], at[1, 1], at[1, 2], at[2, 1]])
+    diagonal = torch.stack([at[0, 0], at[0, 2], at[2, 0], at[2, 2]])
+    low = cross.min(0).values.clamp(min=0) + diagonal.min(0).values.clamp(min=0)
+    high = cross.max(0).values.clamp(max=1) + diagonal.max(0).values.clamp(max=1)
+    amp = torch.sqrt(torch.reciprocal(high) * torch.minimum(low, 2 - high))
+    weight = -amp * (amount * (1 / 5 - 1 / 8) + 1 / 8)
+    out = ((at[0, 1] + at[1, 0] + at[1, 2] + at[2, 1]) * weight + at[1, 1]) * torch.reciprocal(1 + 4 * weight)
+    return torch.nan_to_num(out).clamp(0, 1).permute(1, 2, 0).numpy().copy()
 
 
 def prepare(image: Image.Image, prep: ReferencePrep) -> np.ndarray:
