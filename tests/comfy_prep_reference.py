@@ -9,6 +9,8 @@ ComfyUI's `comfy.clip_vision.clip_preprocess` for an image already at the encode
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,61 @@ def clip_preprocess(image: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (image - mean) / std
+
+
+def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision's CenterCrop on [..., H, W] (no padding needed here): offsets round((size - crop) / 2)."""
+    top = int(round((x.shape[-2] - height) / 2.0))
+    left = int(round((x.shape[-1] - width) / 2.0))
+    return x[..., top : top + height, left : left + width]
+
+
+def tiled_tiles(image: torch.Tensor, sharpening: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """IPAdapterTiled.apply_tiled's step 2 on [1, H, W, 3]: the tiles [1, 256, 256, 3] and their masks [1, H', W'].
+
+    The default attn_mask (all ones) is kept as ones: the bicubic resizes ComfyUI runs on it leave a
+    constant image at one (to float rounding)."""
+    tile_size = 256
+    _, oh, ow, _ = image.shape
+    attn_mask = torch.ones([1, oh, ow], dtype=image.dtype)
+    image = image.permute([0, 3, 1, 2])
+    attn_mask = attn_mask.unsqueeze(1)
+    if oh / ow > 0.75 and oh / ow < 1.33:
+        image = _center_crop(image, min(oh, ow), min(oh, ow))
+        resize = (tile_size * 2, tile_size * 2)
+        attn_mask = _center_crop(attn_mask, min(oh, ow), min(oh, ow))
+    else:
+        resize = (int(tile_size * ow / oh), tile_size) if oh < ow else (tile_size, int(tile_size * oh / ow))
+    imgs = []
+    for img in image:
+        pil = Image.fromarray(img.mul(255).byte().permute(1, 2, 0).numpy())  # ToPILImage
+        pil = pil.resize(resize, resample=Image.Resampling["LANCZOS"])
+        imgs.append(torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0).permute(2, 0, 1))  # ToTensor
+    image = torch.stack(imgs)
+    attn_mask = torch.ones([1, 1, resize[1], resize[0]], dtype=image.dtype)  # T.Resize of ones (see above)
+    if oh / ow > 4 or oh / ow < 0.25:
+        crop = (tile_size, tile_size * 4) if oh < ow else (tile_size * 4, tile_size)
+        image = _center_crop(image, *crop)
+        attn_mask = _center_crop(attn_mask, *crop)
+    attn_mask = attn_mask.squeeze(1)
+    if sharpening > 0:
+        image = contrast_adaptive_sharpening(image, sharpening)
+    image = image.permute([0, 2, 3, 1])
+    _, oh, ow, _ = image.shape
+    tiles_x = math.ceil(ow / tile_size)
+    tiles_y = math.ceil(oh / tile_size)
+    overlap_x = max(0, (tiles_x * tile_size - ow) / (tiles_x - 1 if tiles_x > 1 else 1))
+    overlap_y = max(0, (tiles_y * tile_size - oh) / (tiles_y - 1 if tiles_y > 1 else 1))
+    base_mask = torch.zeros([attn_mask.shape[0], oh, ow], dtype=image.dtype)
+    tiles, masks = [], []
+    for y in range(tiles_y):
+        for x in range(tiles_x):
+            start_x = int(x * (tile_size - overlap_x))
+            start_y = int(y * (tile_size - overlap_y))
+            tiles.append(image[:, start_y : start_y + tile_size, start_x : start_x + tile_size, :])
+            mask = base_mask.clone()
+            mask[:, start_y : start_y + tile_size, start_x : start_x + tile_size] = attn_mask[
+                :, start_y : start_y + tile_size, start_x : start_x + tile_size
+            ]
+            masks.append(mask)
+    return tiles, masks

@@ -37,3 +37,16 @@ class ReferencePrep(Strict):
     def facts(self) -> dict[str, object]:
         """What enters the encoder id."""
         return {"comfy_prep": self.model_dump()}
+
+
+class TileSpec(Strict):
+    """ComfyUI's IPAdapterTiled: besides each whole image, store its 256 px tiles (entries opt in with `tiled`)."""
+
+    sharpening: float = Field(
+        0.0, ge=0.0, le=1.0, description="Contrast-adaptive sharpening of the resized image before it is cut "
+        "(IPAdapterTiled's `sharpening`).",
+    )
+
+    def facts(self) -> dict[str, object]:
+        """What enters the encoder id."""
+        return {"comfy_tiles": self.model_dump()}

@@ -45,6 +45,8 @@ _ADAPTER_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "mask_fit": (pa.string(), "Fitting a mask of another aspect ratio: pad or crop; empty: must match within 1%."),
     "soft_masks": (pa.bool_(), "Use mask grey levels as weights instead of thresholding them."),
     "face": (pa.string(), 'FaceID options as JSON: {"fallback": "skip"} or {"fallback": "drop_adapter"} (no face).'),
+    "tiled": (pa.bool_(), "ComfyUI's IPAdapterTiled: the image's 256 px tiles, each on its own region (needs an "
+              "encoder with `tiles`)."),  # fmt: skip
     "frames": (pa.string(), 'Video rows, as JSON: {"unfold": true} (image i conditions frame i), per-frame "weights".'),
 }
 ADAPTER_FIELD_DOCS: dict[str, str] = {k: doc for k, (_, doc) in _ADAPTER_FIELDS.items()}

@@ -78,6 +78,7 @@ class AdapterRef(_Strict):
         None, description="Face options (FaceID adapters, CLIP adapters fed face crops); set with defaults for FaceID."
     )
     frames: FrameOptions | None = Field(None, description=ADAPTER_FIELD_DOCS["frames"])
+    tiled: bool = Field(False, description=ADAPTER_FIELD_DOCS["tiled"])
 
     def scale_text(self) -> str:
         """The schedule as written, for results and the report."""
