@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from comfy_prep_reference import tiled_tiles, to_tensor_image
@@ -25,7 +26,9 @@ from test_comfy_prep import _picture
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
-from ipa_ops.generate.plan import prepare
+from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.generate.reproduce import plan_of
+from ipa_ops.records.schema import RECORD_COLUMNS, from_columns, to_columns
 from ipa_ops.stages.extract import EncodeActor, _job, _table
 from ipa_ops.stages.extract_rows import Committer
 from ipa_ops.store.dataset import EmbeddingStore, content_key
@@ -211,3 +214,24 @@ def test_bad_tiled_entries_say_what_is_wrong(tiled: dict, zoo_dir: Path, tmp_pat
     pd.DataFrame(rows[:1]).assign(adapters=json.dumps(entry)).to_csv(manifest, index=False)
     _, errors = plan_manifest(plain, plain.stages.generate)
     assert len(errors) == 1 and "encoder 'vit-t' stores no tiles; set encoders.vit-t.tiles" in errors[0]["error"]
+
+
+def record_round_trip(plan: RowPlan) -> RowPlan:
+    """A plan's record through the results columns (Arrow) and back, as `ipa reproduce` reads it."""
+    schema = pa.schema(
+        [(name, pa.string()) for name in ("id", "row_key", "prompt", "model_fingerprint")] + [("seed", pa.int64())]
+        + [(name, kind) for name, (kind, _) in RECORD_COLUMNS.items()]
+    )  # fmt: skip
+    columns = {**to_columns(plan.record), **{k: plan.record.get(k) for k in ("id", "row_key", "prompt", "seed")}}
+    row = pa.Table.from_pylist([columns], schema=schema).to_pylist()[0]
+    return plan_of(from_columns(row))
+
+
+def test_reproduce_keeps_the_tiles(tiled: dict) -> None:
+    flow = tiled["flow"]
+    plans, _ = plan_manifest(flow, flow.stages.generate)
+    for plan in plans:
+        again = record_round_trip(plan)
+        fields = [(a.keys, a.tiles, a.frames) for a in plan.adapters]
+        assert [(a.keys, a.tiles, a.frames) for a in again.adapters] == fields
+    assert plans[0].adapters[0].tiles is not None and "tiles" not in plans[2].record["adapters"][0]

@@ -19,6 +19,7 @@ from comfy_frames_reference import ipadapter_weights as comfy_weights
 from comfy_frames_reference import run as frames_run
 from diffusers import AnimateDiffPipeline
 from PIL import Image
+from test_comfy_tiles import record_round_trip
 from test_video import DDIM_OPTIONS, MOTION, SD15, documented  # noqa: F401 - documented is a fixture
 
 from ipa_ops.flow.schedules import parse_schedule
@@ -179,6 +180,7 @@ def test_frames_plan_and_row_keys(tmp_path: Path, zoo_dir: Path, monkeypatch: py
         {"n": 3, "frames": {"unfold": True}},
         {"n": 1, "frames": {"weights": "0.0, 1.0", "timing": "ease_in"}},
         {"n": 1, "frames": {"weights": [1.0, 0.5]}},
+        {"n": 2, "frames": {"unfold": True}, "image_weights": [1.0, 0.5], "embeds_scaling": "K+V"},
     ]
     plans, errors = _plan(tmp_path, zoo_dir, entries, monkeypatch)
     assert errors == []
@@ -187,7 +189,11 @@ def test_frames_plan_and_row_keys(tmp_path: Path, zoo_dir: Path, monkeypatch: py
     assert by_id["r2"].adapters[0].frames == {"unfold": True, "weights": None}
     assert by_id["r3"].adapters[0].frames["weights"] == pytest.approx(comfy_weights("0.0, 1.0", "ease_in", FRAMES)[0])
     assert by_id["r4"].adapters[0].frames["weights"] == [1.0, 0.5, 0.5, 0.5]  # the last repeats (tensor_to_size)
-    assert len({p.row_key for p in plans}) == 4
+    assert len({p.row_key for p in plans}) == 5
+    comfy = ("frames", "image_weights", "embeds_scaling")
+    for plan in plans:  # `ipa reproduce` reads them back from the record
+        again = record_round_trip(plan).adapters[0]
+        assert [getattr(again, k) for k in comfy] == [getattr(plan.adapters[0], k) for k in comfy]
 
 
 @pytest.mark.parametrize(

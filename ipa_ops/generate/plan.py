@@ -265,11 +265,13 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str, images: list[
         "scale": plan.scale,
         "schedule_hash": None,
         "face": plan.face,
+        **{name: getattr(plan, name) for name in _COMFY_FIELDS if getattr(plan, name) is not None},  # old records stay
     }
 
 
-# left out of row keys when unset: old keys stay
-_NEW_FIELDS = ("face", "image_weights", "embeds_scaling", "frames", "tiles")
+# left out of row keys (and records) when unset: old keys stay
+_COMFY_FIELDS = ("image_weights", "embeds_scaling", "frames", "tiles")
+_NEW_FIELDS = ("face", *_COMFY_FIELDS)
 
 
 def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict[str, float]:

@@ -37,6 +37,10 @@ _ADAPTER = pa.struct(
         ("scale", pa.string()),
         ("schedule_hash", pa.string()),
         ("face", _FACE),
+        ("image_weights", pa.list_(pa.float64())),
+        ("embeds_scaling", pa.string()),
+        ("frames", pa.struct([("unfold", pa.bool_()), ("weights", pa.list_(pa.float64()))])),
+        ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64())))])),
     ]
 )
 _SCHEDULER = pa.struct(
@@ -68,7 +72,8 @@ RECORD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "adapters": (
         pa.list_(_ADAPTER),
         "Per adapter: alias, fingerprint, encoder, store field, references and negatives (URI, sha256, store key), "
-        "masks (URI, sha256), combine, mask fit, scale spec (JSON), effective schedule hash, FaceID-Plus options.",
+        "masks (URI, sha256), combine, mask fit, scale spec (JSON), effective schedule hash, FaceID-Plus options, "
+        "ComfyUI's image weights, embeds scaling, per-frame controls (video) and tile regions (tiled entries).",
     ),
     "batch": (
         pa.struct([("row_keys", pa.list_(pa.string())), ("torch_threads", pa.int64()), ("device", pa.string())]),
