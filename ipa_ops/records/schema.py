@@ -43,6 +43,7 @@ _ADAPTER = pa.struct(
         ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64())))])),
     ]
 )
+_SET_ONLY = ("image_weights", "embeds_scaling", "frames", "tiles")  # in a record only when set (plan.py)
 _SCHEDULER = pa.struct(
     [("name", pa.string()), ("class_name", pa.string()), ("options", pa.string()), ("config_hash", pa.string())]
 )
@@ -113,7 +114,10 @@ def from_columns(row: Mapping[str, Any]) -> dict[str, Any]:
     if record["scheduler"] is not None:
         record["scheduler"] = {**record["scheduler"], "options": json.loads(record["scheduler"]["options"] or "{}")}
     record["sources"] = json.loads(record["sources"]) if record.get("sources") else None
-    record["adapters"] = [{**a, "scale": json.loads(a["scale"])} for a in record.get("adapters") or []]
+    record["adapters"] = [
+        {**{k: v for k, v in a.items() if not (k in _SET_ONLY and v is None)}, "scale": json.loads(a["scale"])}
+        for a in record.get("adapters") or []
+    ]
     return record
 
 
