@@ -155,6 +155,8 @@ def plan_row(
         keys = face.keys if face is not None else keys
         images, tiles = list(ref.images), None
         if getattr(ref, "tiled", False):
+            if face is not None:
+                raise PlanError(f"{where}.tiled: adapter {ref.adapter!r} is fed faces; tiles are for whole images")
             keys, tiles = _tiles(where, ref, spec.encoder or "", flow, encoder)
             images = [f"{ref.images[0]}#tile-{j}" for j in range(len(keys))]
         negs = [reference_key(u, encoder) for u in (ref.negative_images or [])]
