@@ -227,3 +227,38 @@ def test_unfold_masks_may_be_one_per_frame(tmp_path: Path, zoo_dir: Path, monkey
     plans, errors = _plan(tmp_path, zoo_dir, entries, monkeypatch, width=512, height=512)
     assert [p.id for p in plans] == ["r0"]
     assert len(errors) == 1 and "adapters[0].masks" in errors[0]["error"] and "one mask per image" in errors[0]["error"]
+
+
+def test_frames_and_tiles_through_the_ray_stages(tmp_path: Path, zoo_dir: Path, ray_local: None) -> None:
+    """The real extract and generate stages: a tiled encoder's tiles, an unfold row and a tiled video row."""
+    from zoo_flows import zoo_flow
+
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.stages.extract import run_extract
+    from ipa_ops.stages.generate import run_generate
+
+    refs = [str(REPO / "data" / "refs" / f"ref-{i}.png") for i in range(2)]
+    unfold = {"adapter": "style", "images": refs, "frames": {"unfold": True, "weights": "1, 0.5"}}
+    rows = [
+        {"id": "unfold", "prompt": "a bear", "seed": 1, "adapters": json.dumps([unfold])},
+        {"id": "tiled", "prompt": "a bear", "seed": 2,
+         "adapters": json.dumps([{"adapter": "style", "images": refs[:1], "tiled": True, "scale": 0.7}])},
+    ]  # fmt: skip
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    flow = zoo_flow(
+        "video", tmp_path, zoo_dir, manifest, "stages.generate.defaults.num_frames=2",
+        "encoders.vit-h.tiles={sharpening: 0.2}", "stages.extract.resources.num_gpus=0",
+        "stages.generate.resources.num_gpus=0",
+    )  # fmt: skip
+    assert flow.stages.extract is not None and flow.stages.generate is not None
+    counts = run_extract(flow, flow.stages.extract)
+    assert counts["vit-h"]["failed"] == 0 and counts["vit-h"]["new"] > 4  # the images and their tiles
+    summary = run_generate(flow, flow.stages.generate)
+    assert (summary["ok"], summary["error"]) == (2, 0), summary
+    results = OutputDir(str(tmp_path / "out")).read_results().set_index("id")
+    adapters = {rid: results.loc[rid, "adapters"][0] for rid in ("unfold", "tiled")}
+    assert adapters["unfold"]["frames"] == {"unfold": True, "weights": [1.0, 0.5]}
+    assert len(adapters["tiled"]["tiles"]["boxes"]) == 4 and len(adapters["tiled"]["references"]) == 4
+    again = run_generate(flow, flow.stages.generate)  # row keys are stable: nothing to redo
+    assert (again["ok"], again["skipped"]) == (0, 2)

@@ -239,6 +239,8 @@ def _adapter_checks(
     counts_ok = images is not None and masks is not None and (not masks or unfold or len(masks) == len(images))
     if isinstance(entry.get("frames"), dict):
         yield from frame_checks(at, entry, data)
+    if entry.get("tiled") is True:
+        yield from _tiled_checks(at, entry, ctx.flow)
     if images is not None and masks and not counts_ok:
         yield f"{at}.masks", f"{_n(len(masks), 'mask')} for {_n(len(images), 'image')}; give one mask per image or none"
     weights = entry.get("image_weights")
@@ -261,6 +263,17 @@ def _adapter_checks(
             problem = _aspect_problem(uri, data, ctx)
             if problem:
                 yield f"{at}.masks[{j}]", problem
+
+
+def _tiled_checks(at: str, entry: Mapping[str, Any], flow: Flow) -> Iterable[tuple[str, str]]:
+    """A tiled entry (IPAdapterTiled) needs an encoder that stores tiles, one image and no masks."""
+    spec = flow.adapters.get(entry.get("adapter")) if isinstance(entry.get("adapter"), str) else None
+    encoder = flow.encoders.get(spec.encoder) if spec is not None and spec.encoder else None
+    if spec is not None and (encoder is None or encoder.tiles is None):
+        name = spec.encoder
+        yield f"{at}.tiled", f"encoder {name!r} stores no tiles; set encoders.{name}.tiles: {{}} in the flow"
+    if len(_str_list(entry.get("images")) or []) != 1 or entry.get("masks"):
+        yield f"{at}.tiled", "a tiled entry takes one image (its tiles carry their own regions) and no masks"
 
 
 def _reference_problem(uri: str, ctx: _Context) -> str | None:
