@@ -102,16 +102,27 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., top : top + height, left : left + width]
 
 
-def tiled_tiles(image: torch.Tensor, sharpening: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision's T.Resize(size, BICUBIC, antialias=True) on a float tensor."""
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+def tiled_tiles(
+    image: torch.Tensor, sharpening: float, attn_mask: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """IPAdapterTiled.apply_tiled's step 2 on [1, H, W, 3]: the tiles [1, 256, 256, 3] and their masks [1, H', W'].
 
-    The default attn_mask (all ones) is kept as ones: the bicubic resizes ComfyUI runs on it leave a
-    constant image at one (to float rounding)."""
+    Without `attn_mask` ([1, h, w]) the default all-ones mask is kept as ones: the bicubic resizes
+    ComfyUI runs on it leave a constant image at one (to float rounding)."""
     tile_size = 256
     _, oh, ow, _ = image.shape
-    attn_mask = torch.ones([1, oh, ow], dtype=image.dtype)
+    given = attn_mask is not None
+    if attn_mask is None:
+        attn_mask = torch.ones([1, oh, ow], dtype=image.dtype)
     image = image.permute([0, 3, 1, 2])
     attn_mask = attn_mask.unsqueeze(1)
+    if given:
+        attn_mask = _resize(attn_mask, (oh, ow))
     if oh / ow > 0.75 and oh / ow < 1.33:
         image = _center_crop(image, min(oh, ow), min(oh, ow))
         resize = (tile_size * 2, tile_size * 2)
@@ -124,7 +135,10 @@ def tiled_tiles(image: torch.Tensor, sharpening: float) -> tuple[list[torch.Tens
         pil = pil.resize(resize, resample=Image.Resampling["LANCZOS"])
         imgs.append(torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0).permute(2, 0, 1))  # ToTensor
     image = torch.stack(imgs)
-    attn_mask = torch.ones([1, 1, resize[1], resize[0]], dtype=image.dtype)  # T.Resize of ones (see above)
+    if given:
+        attn_mask = _resize(attn_mask, resize[::-1])
+    else:
+        attn_mask = torch.ones([1, 1, resize[1], resize[0]], dtype=image.dtype)  # T.Resize of ones (see above)
     if oh / ow > 4 or oh / ow < 0.25:
         crop = (tile_size, tile_size * 4) if oh < ow else (tile_size * 4, tile_size)
         image = _center_crop(image, *crop)

@@ -56,6 +56,27 @@ def test_tiles_and_regions_are_ipadaptertileds(size: tuple[int, int], sharpening
         np.testing.assert_array_equal(np.asarray(ours) / 255.0, theirs[0].numpy())
 
 
+def _user_mask(width: int, height: int) -> Image.Image:
+    """An attention mask with soft edges: a white disc on black."""
+    y, x = np.mgrid[0:height, 0:width]
+    disc = np.clip(1.5 - np.hypot((x - width / 3) / (width / 4), (y - height / 2) / (height / 3)), 0, 1)
+    return Image.fromarray((disc * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_an_entrys_own_mask_is_carried_as_ipadaptertiled_carries_it(size: tuple[int, int]) -> None:
+    image, mask = _picture(*size, seed=1), _user_mask(300, 200)
+    plan = tiles.layout(*size)
+    inside = tiles.mask_frame(mask, *size)
+    given = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None]
+    _, expected = tiled_tiles(to_tensor_image(image), 0.0, given)
+    for (left, top, right, bottom), theirs in zip(plan.boxes, expected, strict=True):
+        np.testing.assert_allclose(inside[top:bottom, left:right], theirs[0, top:bottom, left:right].numpy(), atol=1e-6)
+    ours = tiles.region_masks(plan.frame, list(plan.boxes), inside)
+    for mine, theirs in zip(ours, expected, strict=True):  # 8-bit images of the same values
+        assert np.abs(np.asarray(mine) / 255.0 - theirs[0].clamp(0, 1).numpy()).max() <= 0.5 / 255 + 1e-6
+
+
 def test_tile_layouts_cover_the_image() -> None:
     quarters = ((0, 0, 256, 256), (256, 0, 512, 256), (0, 256, 256, 512), (256, 256, 512, 512))
     assert tiles.layout(600, 500).boxes == quarters  # almost square: 512 x 512, four tiles
@@ -104,19 +125,24 @@ def tiled(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, image in images.items():
         uris[name] = str(root / f"{name}.png")
         image.save(uris[name])
+    mask = root / "mask.png"
+    _user_mask(64, 64).save(mask)
     manifest = root / "m.csv"
     rows = [
         {"id": "tiled-wide", "prompt": "a tiled thing", "seed": 4, "width": 64, "height": 64, "steps": 3,
          "adapters": json.dumps([{"adapter": "style", "images": [uris["wide"]], "tiled": True, "scale": 0.8}])},
         {"id": "tiled-tall", "prompt": "a tall thing", "seed": 5, "width": 64, "height": 64, "steps": 3,
          "adapters": json.dumps([{"adapter": "style", "images": [uris["tall"]], "tiled": True, "scale": 0.6}])},
+        {"id": "tiled-masked", "prompt": "a masked thing", "seed": 7, "width": 64, "height": 64, "steps": 3,
+         "adapters": json.dumps([{"adapter": "style", "images": [uris["wide"]], "masks": [str(mask)], "tiled": True,
+                                  "soft_masks": True, "scale": 0.9}])},
         {"id": "whole", "prompt": "a whole thing", "seed": 6, "width": 64, "height": 64, "steps": 3,
          "adapters": json.dumps([{"adapter": "style", "images": [uris["wide"]], "scale": 0.7}])},
     ]  # fmt: skip
     pd.DataFrame(rows).to_csv(manifest, index=False)
     flow = _flow(zoo_dir, root, manifest)
     store = _extract(flow, list(uris.values()))
-    return {"flow": flow, "store": store, "uris": uris, "images": images, "root": root}
+    return {"flow": flow, "store": store, "uris": uris, "images": images, "root": root, "mask": mask}
 
 
 def test_extract_stores_comfyuis_tiles_under_derived_keys(tiled: dict, zoo_dir: Path) -> None:
@@ -162,7 +188,7 @@ def test_tiled_rows_equal_diffusers_with_comfyuis_tiles_as_masked_images(
     requests = [prepare(p, store) for p in plans]
     generator = Generator(flow, device="cpu", batch_size=4)
     together = generator.generate(requests)
-    assert generator.stats["calls"] == 1  # tiled (4 and 3 tiles) and whole-image rows in one call
+    assert generator.stats["calls"] == 1  # tiled (4, 3 and 4 masked tiles) and whole-image rows in one call
     enc = encoder_id("vit-t", flow.encoders["vit-t"], flow.mirror_root())
     for request, out in zip(requests, together, strict=True):
         assert out.error == "", out.error
@@ -170,21 +196,26 @@ def test_tiled_rows_equal_diffusers_with_comfyuis_tiles_as_masked_images(
         assert np.abs(out.image - alone.image).max() < 2e-3
         if request.id == "whole":
             continue
-        name = request.id.removeprefix("tiled-")
+        name, scale, user = {"tiled-wide": ("wide", 0.8, None), "tiled-tall": ("tall", 0.6, None),
+                             "tiled-masked": ("wide", 0.9, tiled["mask"])}[request.id]  # fmt: skip
         sha = sha256_of(tiled["uris"][name])
-        expected_tiles, expected_masks = tiled_tiles(to_tensor_image(tiled["images"][name]), 0.3)
+        given = None if user is None else torch.from_numpy(np.asarray(Image.open(user), dtype=np.float32) / 255)[None]
+        expected_tiles, expected_masks = tiled_tiles(to_tensor_image(tiled["images"][name]), 0.3, given)
         n = len(expected_tiles)
         keys = [content_key(tiles.tile_sha(sha, i, 0.3), enc) for i in range(n)]
         pos = torch.stack(store.get(keys))
         emb = torch.stack([torch.zeros_like(pos), pos])  # diffusers' negative of a pooled adapter: zeros
-        mask_images = [Image.fromarray((m[0].numpy() * 255).astype(np.uint8)) for m in expected_masks]
-        masks = IPAdapterMaskProcessor().preprocess(mask_images, height=64, width=64).reshape(1, n, 64, 64)
-        scale = 0.8 if name == "wide" else 0.6
+        levels = [np.round(m[0].clamp(0, 1).numpy() * 255).astype(np.uint8) for m in expected_masks]
+        mask_images = [Image.fromarray(level) for level in levels]
+        processor = IPAdapterMaskProcessor(do_binarize=user is None)  # the masked row asks for soft masks
+        masks = processor.preprocess(mask_images, height=64, width=64).reshape(1, n, 64, 64)
         pipe.set_ip_adapter_scale([[scale] * n])
         expected = diffusers_call(pipe, request, ip_adapter_image_embeds=[emb], height=64, width=64,
                                   cross_attention_kwargs={"ip_adapter_masks": [masks]})  # fmt: skip
         assert np.abs(alone.image - expected).max() < 1e-4, request.id
-    assert np.abs(together[0].image - together[2].image).max() > 1e-3  # tiles are not the whole image
+    by_id = {r.id: out.image for r, out in zip(requests, together, strict=True)}
+    assert np.abs(by_id["tiled-wide"] - by_id["whole"]).max() > 1e-3  # tiles are not the whole image
+    assert np.abs(by_id["tiled-wide"] - by_id["tiled-masked"]).max() > 1e-3  # nor is a masked tiling
 
 
 def test_bad_tiled_entries_say_what_is_wrong(tiled: dict, zoo_dir: Path, tmp_path: Path) -> None:
@@ -196,7 +227,7 @@ def test_bad_tiled_entries_say_what_is_wrong(tiled: dict, zoo_dir: Path, tmp_pat
     Image.new("L", (64, 64), 255).save(mask)
     entries = [
         ({"images": [uris["wide"], uris["tall"]], "tiled": True}, "adapters[0].tiled: a tiled entry takes one image"),
-        ({"images": [uris["wide"]], "masks": [str(mask)], "tiled": True}, "no masks"),
+        ({"images": [uris["wide"]], "masks": [str(mask), str(mask)], "tiled": True}, "at most one mask"),
         ({"images": [key], "tiled": True}, "needs the image file, not a store key"),
     ]
     rows = [{"id": f"b{i}", "prompt": "x", "seed": 1, "width": 64, "height": 64, "steps": 2,
@@ -234,4 +265,5 @@ def test_reproduce_keeps_the_tiles(tiled: dict) -> None:
         again = record_round_trip(plan)
         fields = [(a.keys, a.tiles, a.frames) for a in plan.adapters]
         assert [(a.keys, a.tiles, a.frames) for a in again.adapters] == fields
-    assert plans[0].adapters[0].tiles is not None and "tiles" not in plans[2].record["adapters"][0]
+    by_id = {p.id: p for p in plans}
+    assert by_id["tiled-wide"].adapters[0].tiles is not None and "tiles" not in by_id["whole"].record["adapters"][0]

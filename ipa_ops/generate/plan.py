@@ -293,17 +293,18 @@ def _tiles(where: str, ref: Any, alias: str, flow: Flow, encoder: str) -> tuple[
     if spec.tiles is None:
         raise PlanError(f"{where}.tiled: encoder {alias!r} stores no tiles; set encoders.{alias}.tiles: {{}} "
                         "in the flow and run the extract stage")  # fmt: skip
-    if len(ref.images) != 1 or ref.masks or len(ref.negative_images or []) > 1:
-        raise PlanError(f"{where}.tiled: a tiled entry takes one image (its tiles carry their own regions), no "
-                        "masks and at most one negative image")  # fmt: skip
+    if len(ref.images) != 1 or len(ref.masks or []) > 1 or len(ref.negative_images or []) > 1:
+        raise PlanError(f"{where}.tiled: a tiled entry takes one image (its tiles carry their own regions), at "
+                        "most one mask and at most one negative image")  # fmt: skip
     uri = ref.images[0]
     if _STORE_KEY.match(uri):
         raise PlanError(f"{where}.images[0]: a tiled entry needs the image file, not a store key (its size decides "
                         "the tiles)")  # fmt: skip
     sha = _sha(uri)
-    plan = comfy_tiles.layout(*_decoded_size(uri))
+    plan = comfy_tiles.layout(*_decoded_size(uri))  # the image as extract decodes it decides the tiles
     keys = [content_key(comfy_tiles.tile_sha(sha, j, spec.tiles.sharpening), encoder) for j in range(len(plan.boxes))]
-    return keys, {"frame": list(plan.frame), "boxes": [list(b) for b in plan.boxes]}
+    size = _decoded_size(uri)
+    return keys, {"frame": list(plan.frame), "boxes": [list(b) for b in plan.boxes], "size": list(size)}
 
 
 @lru_cache(maxsize=10_000)
@@ -359,9 +360,14 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
         negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
         masks = None
         if a.tiles:  # each tile attended alone on its region of the prepared image, stretched to the output
-            regions = comfy_tiles.region_masks(tuple(a.tiles["frame"]), [tuple(b) for b in a.tiles["boxes"]])
-            masks = conditioning.preprocess_masks(regions, w, h)
-        if a.masks:
+            inside = None
+            if a.masks:  # the entry's own mask, carried through the image's crop and resizes
+                user = read_image(a.masks[0], max_pixels, mode="L")[0]
+                inside = comfy_tiles.mask_frame(user, *a.tiles["size"])
+            boxes = [tuple(b) for b in a.tiles["boxes"]]
+            regions = comfy_tiles.region_masks(tuple(a.tiles["frame"]), boxes, inside)
+            masks = conditioning.preprocess_masks(regions, w, h, soft=a.soft_masks)
+        elif a.masks:
             images = []
             for j, uri in enumerate(a.masks):
                 mask = read_image(uri, max_pixels, mode="L")[0]

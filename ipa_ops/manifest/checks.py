@@ -272,8 +272,8 @@ def _tiled_checks(at: str, entry: Mapping[str, Any], flow: Flow) -> Iterable[tup
     if spec is not None and (encoder is None or encoder.tiles is None):
         name = spec.encoder
         yield f"{at}.tiled", f"encoder {name!r} stores no tiles; set encoders.{name}.tiles: {{}} in the flow"
-    if len(_str_list(entry.get("images")) or []) != 1 or entry.get("masks"):
-        yield f"{at}.tiled", "a tiled entry takes one image (its tiles carry their own regions) and no masks"
+    if len(_str_list(entry.get("images")) or []) != 1 or len(_str_list(entry.get("masks")) or []) > 1:
+        yield f"{at}.tiled", "a tiled entry takes one image (its tiles carry their own regions) and at most one mask"
 
 
 def _reference_problem(uri: str, ctx: _Context) -> str | None:

@@ -40,7 +40,8 @@ _ADAPTER = pa.struct(
         ("image_weights", pa.list_(pa.float64())),
         ("embeds_scaling", pa.string()),
         ("frames", pa.struct([("unfold", pa.bool_()), ("weights", pa.list_(pa.float64()))])),
-        ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64())))])),
+        ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64()))),
+                             ("size", pa.list_(pa.int64()))])),  # fmt: skip
     ]
 )
 _SET_ONLY = ("image_weights", "embeds_scaling", "frames", "tiles")  # in a record only when set (plan.py)

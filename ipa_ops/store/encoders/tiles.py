@@ -96,11 +96,38 @@ def tile_sha(image_sha256: str, index: int, sharpening: float) -> str:
     return hashlib.sha256(f"{image_sha256}#{ALGORITHM}:{sharpening!r}:{index}".encode()).hexdigest()
 
 
-def region_masks(frame: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> list[Image.Image]:
-    """Per tile, a mask of the prepared image's size: white on the tile's box (ComfyUI's tile mask)."""
+def mask_frame(mask: Image.Image, width: int, height: int) -> np.ndarray:
+    """A tiled entry's attention mask in the prepared image's frame ([H', W'] float32), as ComfyUI carries it:
+    resized to the image's size, then cropped and resized with it (torchvision's tensor resize: bicubic
+    with antialiasing, no clamping), so each tile's region keeps the mask's values."""
+    import torch
+    import torch.nn.functional as F
+
+    plan = layout(width, height)
+
+    def resize(x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+
+    values = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)[None, None]
+    values = resize(values, width, height)
+    if plan.square_crop:
+        side = min(width, height)
+        top, left = _centre(height, side), _centre(width, side)
+        values = values[..., top : top + side, left : left + side]
+    values = resize(values, *plan.resize)
+    (w, h), (fw, fh) = plan.resize, plan.frame
+    top, left = _centre(h, fh), _centre(w, fw)
+    return values[0, 0, top : top + fh, left : left + fw].numpy()
+
+
+def region_masks(
+    frame: tuple[int, int], boxes: list[tuple[int, int, int, int]], inside: np.ndarray | None = None
+) -> list[Image.Image]:
+    """Per tile, a mask of the prepared image's size: the tile's box white, or holding the entry's own mask
+    there (`inside`, from `mask_frame`), black elsewhere (ComfyUI's tile mask)."""
     masks = []
-    for box in boxes:
-        mask = Image.new("L", tuple(frame), 0)
-        mask.paste(255, box)
-        masks.append(mask)
+    for left, top, right, bottom in boxes:
+        mask = np.zeros((frame[1], frame[0]), dtype=np.float32)
+        mask[top:bottom, left:right] = 1.0 if inside is None else inside[top:bottom, left:right]
+        masks.append(Image.fromarray(np.clip(np.round(mask * 255), 0, 255).astype(np.uint8)))
     return masks
