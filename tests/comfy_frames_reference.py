@@ -113,3 +113,19 @@ def run(pipe: Any, processor: dict[str, Any], **call: Any) -> Any:
         return pipe(**call)
     finally:
         pipe.unet.set_attn_processor(original)
+
+
+def full_batch(weights: list[float], images: int, add_starting_frames: int = 0,
+               add_ending_frames: int = 0) -> tuple[list[float], list[int]]:  # fmt: skip
+    """IPAdapterWeights' image branch with `method: full batch`: (weights, image_1 as indices of the images)."""
+    frames = len(weights)
+    image = torch.arange(images, dtype=torch.float32)[:, None, None, None]
+    weights = weights * image.shape[0]
+    image_1 = image.repeat_interleave(frames, 0)
+    if add_starting_frames > 0:
+        weights = [weights[0]] * add_starting_frames + weights
+        image_1 = torch.cat([image[:1].repeat(add_starting_frames, 1, 1, 1), image_1], dim=0)
+    if add_ending_frames > 0:
+        weights = weights + [weights[-1]] * add_ending_frames
+        image_1 = torch.cat([image_1, image[-1:].repeat(add_ending_frames, 1, 1, 1)], dim=0)
+    return weights, [int(i) for i in image_1.flatten().tolist()]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from comfy_frames_reference import full_batch
 from comfy_frames_reference import ipadapter_weights as comfy_weights
 from comfy_frames_reference import run as frames_run
 from diffusers import AnimateDiffPipeline
@@ -47,6 +48,21 @@ def test_frame_weights_are_ipadapter_weights(timing: str, given: tuple) -> None:
     invert = options.model_copy(update={"invert": True})
     assert ipadapter_weights(invert, 16) == pytest.approx(inverted, abs=1e-12)
     assert per_frame([1.0, 0.5], 4) == [1.0, 0.5, 0.5, 0.5] and per_frame([1.0, 0.5, 0.2], 2) == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("given", [("0.0, 1.0", "linear", 3, 1, 2, 3), ("1, 0.5, 0.2", "custom", None, 0, 1, 2),
+                                   ("0.2, 1", "ease_in_out", 4, 2, 0, 1)])  # fmt: skip
+def test_full_batch_is_ipadapter_weights_with_images(given: tuple) -> None:
+    text, timing, frames, start, end, images = given
+    options = FrameOptions(method="full batch", weights=text, timing=timing, frames=frames,
+                           add_starting_frames=start, add_ending_frames=end)  # fmt: skip
+    curve, _ = comfy_weights(text, timing, frames or 0)
+    weights, slots = full_batch(curve, images, start, end)
+    for num_frames in (len(weights), 5, 20):  # fitted to the video as tensor_to_size fits them
+        plan = frame_plan(options, num_frames, images)
+        assert plan["unfold"] is True
+        assert plan["weights"] == pytest.approx(per_frame(weights, num_frames), abs=1e-12)
+        assert plan["slots"] == per_frame(slots, num_frames)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +108,17 @@ CASES = {
     "weights": (1, False, {"weights": "0.0, 1.0", "timing": "ease_in_out"}, False, 0.9),
     "masks": (1, True, {"weights": "1.0, 0.3", "timing": "linear", "invert": True}, True, 0.7),
     "unfold_masks": (2, True, None, True, 0.6),
+    "full_batch": (2, True, {"method": "full batch", "weights": "0.3, 1", "timing": "linear", "frames": 2}, False, 0.8),
 }
 
 
 def _row(name: str, embeds: tuple[torch.Tensor, torch.Tensor], seed: int) -> RowRequest:
     n, unfold, options, masked, scale = CASES[name]
-    plan = frame_plan(FrameOptions(unfold=unfold, **(options or {})), FRAMES)
+    plan = frame_plan(FrameOptions(unfold=unfold, **(options or {})), FRAMES, n)
     weights = torch.tensor(plan["weights"]) if plan and plan["weights"] is not None else None
-    entry = AdapterInput("style", embeds[0][:n], embeds[1][:n], parse_schedule(scale),
-                         _masks() if masked else None, unfold=unfold, frame_weights=weights)  # fmt: skip
+    slots = torch.tensor(plan["slots"]) if plan and plan["slots"] is not None else None
+    entry = AdapterInput("style", embeds[0][:n], embeds[1][:n], parse_schedule(scale), _masks() if masked else None,
+                         unfold=unfold, frame_weights=weights, frame_slots=slots)  # fmt: skip
     return RowRequest(id=name, prompt=f"a bear waving {name}", negative_prompt="bad quality", seed=seed,
                       model="sd15", task="video", width=64, height=64, steps=2, guidance_scale=7.5,
                       num_frames=FRAMES, scheduler="ddim", adapters=[entry])  # fmt: skip
@@ -108,11 +126,14 @@ def _row(name: str, embeds: tuple[torch.Tensor, torch.Tensor], seed: int) -> Row
 
 def _reference(pipe: AnimateDiffPipeline, name: str, row: RowRequest, embeds: tuple) -> np.ndarray:
     n, unfold, options, masked, scale = CASES[name]
-    weights = None
+    weights, order = None, list(range(n))
     if options is not None:  # ComfyUI's own IPAdapterWeights output for the same settings
-        plain, inverted = comfy_weights(options["weights"], options["timing"], FRAMES)
+        plain, inverted = comfy_weights(options["weights"], options["timing"], options.get("frames", FRAMES))
         weights = torch.tensor(inverted if options.get("invert") else plain)
-    emb = torch.stack([embeds[1][:n], embeds[0][:n]])  # [negative; positive] x n images
+        if options.get("method"):  # its image_1 (the images, each held for the curve) is the batch ComfyUI unfolds
+            plain, order = full_batch(plain, n)
+            weights = torch.tensor(plain)
+    emb = torch.stack([embeds[1][:n][order], embeds[0][:n][order]])  # [negative; positive] x images
     processor = dict(frames=FRAMES, scale=scale, unfold=unfold, weights=weights, masks=_masks() if masked else None)
     result = frames_run(
         pipe, processor, prompt=row.prompt, negative_prompt=row.negative_prompt, ip_adapter_image_embeds=[emb],
@@ -186,7 +207,7 @@ def test_frames_plan_and_row_keys(tmp_path: Path, zoo_dir: Path, monkeypatch: py
     assert errors == []
     by_id = {p.id: p for p in plans}
     assert by_id["r0"].row_key == by_id["r1"].row_key != by_id["r2"].row_key
-    assert by_id["r2"].adapters[0].frames == {"unfold": True, "weights": None}
+    assert by_id["r2"].adapters[0].frames == {"unfold": True, "weights": None, "slots": None}
     assert by_id["r3"].adapters[0].frames["weights"] == pytest.approx(comfy_weights("0.0, 1.0", "ease_in", FRAMES)[0])
     assert by_id["r4"].adapters[0].frames["weights"] == [1.0, 0.5, 0.5, 0.5]  # the last repeats (tensor_to_size)
     assert len({p.row_key for p in plans}) == 5

@@ -32,6 +32,7 @@ class AdapterInput:
     embeds_scaling: str = "V only"  # ComfyUI's embeds scaling (attention.EMBEDS_SCALING)
     unfold: bool = False  # video: image i (negative i, mask i) conditions frame i, the last repeated (frames.py)
     frame_weights: torch.Tensor | None = None  # video: [num_frames] weights multiplying the scale per frame
+    frame_slots: torch.Tensor | None = None  # video, unfold: [num_frames] which image each frame takes (else i)
 
 
 @dataclass

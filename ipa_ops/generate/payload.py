@@ -19,7 +19,8 @@ from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.generate.contract import AdapterInput, RowRequest
 
 _IMAGES = ("init_image", "mask_image", "control_image")
-_OPTIONAL = ("masks", "clip_embeds", "clip_negative", "frame_weights")  # AdapterInput tensors that may be None
+# AdapterInput tensors that may be None
+_OPTIONAL = ("masks", "clip_embeds", "clip_negative", "frame_weights", "frame_slots")
 
 
 def to_bytes(row: RowRequest) -> bytes:

@@ -189,7 +189,7 @@ def plan_row(
                 face=face.plus if face is not None else None,
                 image_weights=list(ref.image_weights) if getattr(ref, "image_weights", None) else None,
                 embeds_scaling=_embeds_scaling(getattr(ref, "embeds_scaling", None)),
-                frames=_frames(where, getattr(ref, "frames", None), request),
+                frames=_frames(where, getattr(ref, "frames", None), request, len(ref.images)),
                 tiles=tiles,
             )
         )
@@ -313,12 +313,12 @@ def _decoded_size(uri: str) -> tuple[int, int]:
     return read_image(uri)[0].size
 
 
-def _frames(where: str, options: FrameOptions | None, request: dict[str, Any]) -> dict[str, Any] | None:
+def _frames(where: str, options: FrameOptions | None, request: dict[str, Any], images: int) -> dict[str, Any] | None:
     """A video row's per-frame controls, resolved to one weight per frame; an error line otherwise."""
     if options is not None and request["task"] != "video":
         raise PlanError(f"{where}.frames: per-frame controls are for task video rows; this row is {request['task']}")
     try:
-        return frame_plan(options, request.get("num_frames"))
+        return frame_plan(options, request.get("num_frames"), images)
     except ValueError as exc:
         raise PlanError(f"{where}.{exc}") from None
 
@@ -380,11 +380,12 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
             masks = conditioning.preprocess_masks(images, w, h, soft=a.soft_masks)
         scaling = a.embeds_scaling or "V only"
         schedule = parse_schedule(a.scale)
-        weights = (a.frames or {}).get("weights")
+        weights, slots = (a.frames or {}).get("weights"), (a.frames or {}).get("slots")
         req.adapters.append(
             AdapterInput(
                 a.alias, combined, negative, schedule, masks, embeds_scaling=scaling, unfold=unfold,
                 frame_weights=torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
+                frame_slots=torch.tensor(slots, dtype=torch.long) if slots is not None else None,
             )  # fmt: skip
         )
         if a.face is not None:

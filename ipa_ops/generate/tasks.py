@@ -179,7 +179,9 @@ def _per_frame(state: IPBatchState, adapter: int, entry: AdapterInput, samples: 
     if not entry.unfold:
         return
     frame = torch.arange(frames)
-    own = torch.tensor(frame_slots(entry.embeds.shape[0], frames))
+    given = entry.frame_slots  # IPAdapterWeights' full batch: each image for several frames
+    slots = per_frame([int(s) for s in given.tolist()], frames) if given is not None else None
+    own = torch.tensor(slots or frame_slots(entry.embeds.shape[0], frames))
     valid = torch.zeros_like(state.token_valid[adapter][samples])
     valid[frame, own] = True  # joint attention over valid slots = the frame's own image alone
     state.token_valid[adapter][samples] = valid

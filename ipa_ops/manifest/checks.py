@@ -235,7 +235,8 @@ def _adapter_checks(
                     f"(face_crop, or face.crop: true); not {alias!r}",
                 )
     images, masks, negatives = (_str_list(entry.get(k)) for k in ("images", "masks", "negative_images"))
-    unfold = isinstance(entry.get("frames"), dict) and entry["frames"].get("unfold") is True
+    frames = entry.get("frames") if isinstance(entry.get("frames"), dict) else {}
+    unfold = frames.get("unfold") is True or frames.get("method") is not None
     counts_ok = images is not None and masks is not None and (not masks or unfold or len(masks) == len(images))
     if isinstance(entry.get("frames"), dict):
         yield from frame_checks(at, entry, data)

@@ -39,6 +39,13 @@ class FrameOptions(BaseModel):
     start_frame: int = Field(0, ge=0, description="Frames held at the first weight before the curve starts.")
     end_frame: int = Field(9999, ge=0, description="Frame where the curve reaches the last weight (then held).")
     invert: bool = Field(False, description="IPAdapterWeights' weights_invert: the list reversed.")
+    method: Literal["full batch"] | None = Field(
+        None, description="IPAdapterWeights with images, `full batch`: each image holds for the curve's frames "
+        "(the curve repeating per image); implies unfold.",
+    )
+    add_starting_frames: int = Field(0, ge=0, description="With `method`: frames of the first image and weight "
+                                     "put before.")  # fmt: skip
+    add_ending_frames: int = Field(0, ge=0, description="With `method`: frames of the last image and weight after.")
 
     @field_validator("weights")
     @classmethod
@@ -97,7 +104,7 @@ def frame_checks(at: str, entry: Mapping[str, Any], row: Mapping[str, Any]) -> I
         options = FrameOptions.model_validate(entry["frames"])
     except ValidationError:
         return  # the row model reports the field itself
-    if options.unfold and entry.get("combine") not in (None, "concat"):
+    if (options.unfold or options.method) and entry.get("combine") not in (None, "concat"):
         yield f"{at}.combine", "frames.unfold gives each frame its own image; leave combine as concat"
     frames = row.get("num_frames")
     if isinstance(frames, int) and frames > 0:
@@ -107,12 +114,27 @@ def frame_checks(at: str, entry: Mapping[str, Any], row: Mapping[str, Any]) -> I
             yield f"{at}.frames", str(exc).removeprefix("frames: ")
 
 
-def frame_plan(options: FrameOptions | None, num_frames: int | None) -> dict[str, Any] | None:
-    """What a row's plan keeps of `frames`: unfold, and one weight per frame (None: no per-frame weights)."""
+def frame_plan(options: FrameOptions | None, num_frames: int | None, images: int = 1) -> dict[str, Any] | None:
+    """What a row's plan keeps of `frames`: unfold, one weight per frame (None: no per-frame weights) and,
+    with `method`, which of the `images` each frame takes (`slots`)."""
     if options is None or num_frames is None:
         return None
+    if options.method is not None:
+        return _full_batch(options, num_frames, images)
     curve = options.weights is not None or options.timing != "custom"
     weights = per_frame(ipadapter_weights(options, num_frames), num_frames) if curve else None
     if not options.unfold and weights is None:
         return None
-    return {"unfold": options.unfold, "weights": weights}
+    return {"unfold": options.unfold, "weights": weights, "slots": None}
+
+
+def _full_batch(options: FrameOptions, num_frames: int, images: int) -> dict[str, Any]:
+    """IPAdapterWeights' `full batch` outputs (weights, image_1) as per-frame weights and image slots."""
+    if options.timing != "custom" and options.frames is None:
+        raise ValueError("frames: with method, give `frames` (the frames each image holds for)")
+    curve = ipadapter_weights(options, num_frames)
+    weights = curve * images
+    slots = [i for i in range(images) for _ in curve]
+    weights = [weights[0]] * options.add_starting_frames + weights + [weights[-1]] * options.add_ending_frames
+    slots = [0] * options.add_starting_frames + slots + [images - 1] * options.add_ending_frames
+    return {"unfold": True, "weights": per_frame(weights, num_frames), "slots": per_frame(slots, num_frames)}

@@ -39,7 +39,8 @@ _ADAPTER = pa.struct(
         ("face", _FACE),
         ("image_weights", pa.list_(pa.float64())),
         ("embeds_scaling", pa.string()),
-        ("frames", pa.struct([("unfold", pa.bool_()), ("weights", pa.list_(pa.float64()))])),
+        ("frames", pa.struct([("unfold", pa.bool_()), ("weights", pa.list_(pa.float64())),
+                              ("slots", pa.list_(pa.int64()))])),  # fmt: skip
         ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64()))),
                              ("size", pa.list_(pa.int64()))])),  # fmt: skip
     ]
