@@ -226,6 +226,8 @@ def test_frames_plan_and_row_keys(tmp_path: Path, zoo_dir: Path, monkeypatch: py
         ({"frames": {"weights": "1, x"}}, {}, "adapters[0].frames.weights", "separated by commas"),
         ({"frames": {"unfold": True, "speed": 2}}, {}, "adapters[0].frames.speed", "allowed: unfold, weights"),
         ({"frames": "{not json"}, {}, "adapters[0].frames", "not valid JSON"),
+        ({"frames": {"method": "full batch", "weights": "0, 1", "timing": "linear"}}, {}, "adapters[0].frames",
+         "give `frames`"),
     ],
 )
 def test_bad_frames_say_what_is_wrong(
