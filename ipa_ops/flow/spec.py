@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ipa_ops.errors import UserError
 from ipa_ops.flow.models import ModelSpec, ModuleSpec, Strict
+from ipa_ops.flow.prep import ReferencePrep, TileSpec
 from ipa_ops.flow.score_spec import ScoreStage, score_problems
 from ipa_ops.storage.lease import LeaseSpec
 
@@ -35,6 +36,14 @@ class EncoderSpec(Strict):
     crop: Literal["center", "pad", "none"] = Field(
         "center", description="How a non-square image is fitted: processor centre crop, pad to square, or resize."
     )
+    prep: ReferencePrep | None = Field(
+        None, description="ComfyUI's PrepImageForClipVision before the processor: crop position, interpolation, "
+        "sharpening (type clip; replaces `crop`). Enters the encoder id.",
+    )
+    tiles: TileSpec | None = Field(
+        None, description="ComfyUI's IPAdapterTiled (type clip): also store each image's tiles, for adapter entries "
+        "with `tiled: true`. Enters the encoder id.",
+    )
     pack: str = Field("buffalo_l", description="InsightFace model pack name (type insightface).")
     root: str | None = Field(
         None, description="Directory holding `models/<pack>/` (type insightface); default: the mirror's `insightface`."
@@ -48,6 +57,10 @@ class EncoderSpec(Strict):
     def _needs_source(self) -> EncoderSpec:
         if self.type == "clip" and not self.source:
             raise ValueError("a clip encoder needs `source` (hub id or path of a CLIP vision encoder)")
+        if self.prep is not None and (self.type != "clip" or self.crop != "center"):
+            raise ValueError("`prep` is for clip encoders and replaces `crop`: drop one of them")
+        if self.tiles is not None and (self.type != "clip" or self.prep is not None):
+            raise ValueError("`tiles` is for clip encoders and prepares its tiles itself: drop `prep` or `tiles`")
         return self
 
 

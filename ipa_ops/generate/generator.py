@@ -188,7 +188,7 @@ class Generator:
         state = None
         if loaded.adapters:
             state, positives, negatives = self._ip_state(loaded, pipe, rows)
-            tasks.spread_over_frames(state, first)
+            tasks.spread_over_frames(state, rows, loaded.adapters)
             kwargs.update(family.ip_call(pipe, positives, negatives, do_cfg))
             kwargs.update(callback_on_step_end=attention.StepCounter(state))
         family.bind_attention(pipe, state)
@@ -239,7 +239,8 @@ class Generator:
                 scales[b, a], uncond_image[b, a] = torch.as_tensor(values), torch.as_tensor(swapped)
                 embeds_scaling[b, a] = attention.EMBEDS_SCALING.index(x.embeds_scaling)
                 if x.masks is not None and region is not None:
-                    region[b, :n] = x.masks
+                    if not x.unfold:  # unfold: one mask per frame, placed by tasks.spread_over_frames
+                        region[b, :n] = x.masks
                     masked[b, a] = True
             positives.append(pos.to(self.device, dtype))
             negatives.append(neg.to(self.device, dtype))

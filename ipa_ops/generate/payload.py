@@ -19,7 +19,8 @@ from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.generate.contract import AdapterInput, RowRequest
 
 _IMAGES = ("init_image", "mask_image", "control_image")
-_OPTIONAL = ("masks", "clip_embeds", "clip_negative")  # AdapterInput tensors that may be None
+# AdapterInput tensors that may be None
+_OPTIONAL = ("masks", "clip_embeds", "clip_negative", "frame_weights", "frame_slots")
 
 
 def to_bytes(row: RowRequest) -> bytes:
@@ -38,7 +39,7 @@ def to_bytes(row: RowRequest) -> bytes:
                 tensors[f"a{i}.{name}"] = getattr(x, name).float().contiguous()
         adapters.append(
             {"alias": x.alias, "schedule": x.schedule.source, "shortcut_scale": x.shortcut_scale,
-             "embeds_scaling": x.embeds_scaling}
+             "embeds_scaling": x.embeds_scaling, "unfold": x.unfold}
         )  # fmt: skip
     meta["adapters"] = adapters
     return st_save(tensors, metadata={"row": json.dumps(meta)})
@@ -55,6 +56,7 @@ def from_bytes(data: bytes) -> RowRequest:
             schedule=parse_schedule(a["schedule"]),
             shortcut_scale=a.get("shortcut_scale"),
             embeds_scaling=a.get("embeds_scaling", "V only"),
+            unfold=bool(a.get("unfold")),
             **{name: tensors.get(f"a{i}.{name}") for name in _OPTIONAL},
         )
         for i, a in enumerate(meta.pop("adapters"))

@@ -21,8 +21,10 @@ from ipa_ops.flow.spec import Flow, GenerateStage
 from ipa_ops.generate import conditioning, faceid, loras, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.manifest.frames import FrameOptions, frame_plan
 from ipa_ops.outputs.folder import row_key
 from ipa_ops.store.dataset import EmbeddingStore, content_key
+from ipa_ops.store.encoders import tiles as comfy_tiles
 from ipa_ops.store.images import read_image, sha256_of
 
 _STORE_KEY = re.compile(r"^[0-9a-f]{64}/.+$")
@@ -47,6 +49,8 @@ class AdapterPlan:
     face: dict[str, Any] | None = None  # FaceID-Plus: crop keys, their clip encoder, shortcut scale (faceid.py)
     image_weights: list[float] | None = None  # per image, before combining (ComfyUI's IPAdapterEncoder weight)
     embeds_scaling: str | None = None  # ComfyUI's embeds scaling; None: V only
+    frames: dict[str, Any] | None = None  # video: {"unfold": bool, "weights": one per frame or None} (frames.py)
+    tiles: dict[str, Any] | None = None  # IPAdapterTiled: {"frame": [w, h], "boxes": [[l, t, r, b], ...]} (tiles.py)
 
 
 @dataclass
@@ -149,8 +153,14 @@ def plan_row(
             dropped[ref.adapter] = face.dropped
             continue
         keys = face.keys if face is not None else keys
+        images, tiles = list(ref.images), None
+        if getattr(ref, "tiled", False):
+            if face is not None:
+                raise PlanError(f"{where}.tiled: adapter {ref.adapter!r} is fed faces; tiles are for whole images")
+            keys, tiles = _tiles(where, ref, spec.encoder or "", flow, encoder)
+            images = [f"{ref.images[0]}#tile-{j}" for j in range(len(keys))]
         negs = [reference_key(u, encoder) for u in (ref.negative_images or [])]
-        for kind, refs, found in (("images", ref.images, keys), ("negative_images", ref.negative_images or [], negs)):
+        for kind, refs, found in (("images", images, keys), ("negative_images", ref.negative_images or [], negs)):
             for j, (uri, key) in enumerate(zip(refs, found, strict=True)):
                 if key not in usable:
                     raise PlanError(
@@ -179,9 +189,11 @@ def plan_row(
                 face=face.plus if face is not None else None,
                 image_weights=list(ref.image_weights) if getattr(ref, "image_weights", None) else None,
                 embeds_scaling=_embeds_scaling(getattr(ref, "embeds_scaling", None)),
+                frames=_frames(where, getattr(ref, "frames", None), request, len(ref.images)),
+                tiles=tiles,
             )
         )
-        adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"]))
+        adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"], images))
     init = getattr(row, "init_image", None) or None
     mask = getattr(row, "mask_image", None) or None
     control = (getattr(row, "control_image", None) or None) if row.task == "controlnet" else None
@@ -231,19 +243,22 @@ def _content_sha(ref: str) -> str:
     return ref.split("/", 1)[0] if _STORE_KEY.match(ref) else _sha(ref)
 
 
-def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, Any]:
+def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str, images: list[str]) -> dict[str, Any]:
     """One adapter's part of the row record: what the manifest named and what was read for it."""
 
-    def refs(given: list[str], keys: list[str]) -> list[dict[str, Any]]:
-        pairs = zip(given, keys, strict=True)
-        return [records.reference(u, k, _content_sha(u), bool(_STORE_KEY.match(u))) for u, k in pairs]
+    def refs(given: list[str], keys: list[str], tiled: bool = False) -> list[dict[str, Any]]:
+        pairs = zip(given, keys, strict=True)  # a tile's content id is its derived sha, the first part of its key
+        return [
+            records.reference(u, k, k.split("/", 1)[0] if tiled else _content_sha(u), bool(_STORE_KEY.match(u)))
+            for u, k in pairs
+        ]
 
     return {
         "alias": plan.alias,
         "fingerprint": fingerprint,
         "encoder": plan.encoder,
         "field": plan.field,
-        "references": refs(list(ref.images), plan.keys),
+        "references": refs(images, plan.keys, tiled=plan.tiles is not None),
         "negatives": refs(list(ref.negative_images or []), plan.negative_keys),
         "masks": [{"uri": m, "sha256": _sha(m)} for m in plan.masks],
         "combine": plan.combine,
@@ -252,10 +267,13 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str) -> dict[str, 
         "scale": plan.scale,
         "schedule_hash": None,
         "face": plan.face,
+        **{name: getattr(plan, name) for name in _COMFY_FIELDS if getattr(plan, name) is not None},  # old records stay
     }
 
 
-_NEW_FIELDS = ("face", "image_weights", "embeds_scaling")  # left out of row keys when unset: old keys stay
+# left out of row keys (and records) when unset: old keys stay
+_COMFY_FIELDS = ("image_weights", "embeds_scaling", "frames", "tiles")
+_NEW_FIELDS = ("face", *_COMFY_FIELDS)
 
 
 def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict[str, float]:
@@ -267,6 +285,42 @@ def _lora_weight(flow: Flow, alias: str, facts: dict[str, AdapterFacts]) -> dict
 def _embeds_scaling(value: str | None) -> str | None:
     """ComfyUI's default (V only, diffusers' maths) is stored as unset, so old row keys stay."""
     return None if value in (None, "", "V only") else value
+
+
+def _tiles(where: str, ref: Any, alias: str, flow: Flow, encoder: str) -> tuple[list[str], dict[str, Any]]:
+    """The store keys and regions of a tiled entry's tiles (IPAdapterTiled), from its image's size."""
+    spec = flow.encoders[alias]
+    if spec.tiles is None:
+        raise PlanError(f"{where}.tiled: encoder {alias!r} stores no tiles; set encoders.{alias}.tiles: {{}} "
+                        "in the flow and run the extract stage")  # fmt: skip
+    if len(ref.images) != 1 or len(ref.masks or []) > 1 or len(ref.negative_images or []) > 1:
+        raise PlanError(f"{where}.tiled: a tiled entry takes one image (its tiles carry their own regions), at "
+                        "most one mask and at most one negative image")  # fmt: skip
+    uri = ref.images[0]
+    if _STORE_KEY.match(uri):
+        raise PlanError(f"{where}.images[0]: a tiled entry needs the image file, not a store key (its size decides "
+                        "the tiles)")  # fmt: skip
+    sha = _sha(uri)
+    plan = comfy_tiles.layout(*_decoded_size(uri))  # the image as extract decodes it decides the tiles
+    keys = [content_key(comfy_tiles.tile_sha(sha, j, spec.tiles.sharpening), encoder) for j in range(len(plan.boxes))]
+    size = _decoded_size(uri)
+    return keys, {"frame": list(plan.frame), "boxes": [list(b) for b in plan.boxes], "size": list(size)}
+
+
+@lru_cache(maxsize=10_000)
+def _decoded_size(uri: str) -> tuple[int, int]:
+    """An image's size as the extract stage decodes it (EXIF orientation applied)."""
+    return read_image(uri)[0].size
+
+
+def _frames(where: str, options: FrameOptions | None, request: dict[str, Any], images: int) -> dict[str, Any] | None:
+    """A video row's per-frame controls, resolved to one weight per frame; an error line otherwise."""
+    if options is not None and request["task"] != "video":
+        raise PlanError(f"{where}.frames: per-frame controls are for task video rows; this row is {request['task']}")
+    try:
+        return frame_plan(options, request.get("num_frames"), images)
+    except ValueError as exc:
+        raise PlanError(f"{where}.{exc}") from None
 
 
 def _check_model(
@@ -301,10 +355,19 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
         if a.image_weights:  # ComfyUI's encoder weight: the image's embedding scaled, its negative not
             embeds = embeds * torch.tensor(a.image_weights, dtype=embeds.dtype).view(-1, *[1] * (embeds.ndim - 1))
         given = torch.stack(store.get(a.negative_keys, field=a.field)) if a.negative_keys else None
-        combined = conditioning.combine(embeds, a.combine)
+        unfold = bool((a.frames or {}).get("unfold"))
+        combined = embeds if unfold else conditioning.combine(embeds, a.combine)  # unfold: one image per frame
         negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
         masks = None
-        if a.masks:
+        if a.tiles:  # each tile attended alone on its region of the prepared image, stretched to the output
+            inside = None
+            if a.masks:  # the entry's own mask, carried through the image's crop and resizes
+                user = read_image(a.masks[0], max_pixels, mode="L")[0]
+                inside = comfy_tiles.mask_frame(user, *a.tiles["size"])
+            boxes = [tuple(b) for b in a.tiles["boxes"]]
+            regions = comfy_tiles.region_masks(tuple(a.tiles["frame"]), boxes, inside)
+            masks = conditioning.preprocess_masks(regions, w, h, soft=a.soft_masks)
+        elif a.masks:
             images = []
             for j, uri in enumerate(a.masks):
                 mask = read_image(uri, max_pixels, mode="L")[0]
@@ -317,7 +380,14 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
             masks = conditioning.preprocess_masks(images, w, h, soft=a.soft_masks)
         scaling = a.embeds_scaling or "V only"
         schedule = parse_schedule(a.scale)
-        req.adapters.append(AdapterInput(a.alias, combined, negative, schedule, masks, embeds_scaling=scaling))
+        weights, slots = (a.frames or {}).get("weights"), (a.frames or {}).get("slots")
+        req.adapters.append(
+            AdapterInput(
+                a.alias, combined, negative, schedule, masks, embeds_scaling=scaling, unfold=unfold,
+                frame_weights=torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
+                frame_slots=torch.tensor(slots, dtype=torch.long) if slots is not None else None,
+            )  # fmt: skip
+        )
         if a.face is not None:
             faceid.attach(req.adapters[-1], a.face, a.combine, store)
     return req

@@ -139,6 +139,7 @@ def plan_of(record: dict[str, Any]) -> RowPlan:
             mask_fit=a.get("mask_fit"),
             soft_masks=bool(a.get("soft_masks")),
             face=a.get("face"),
+            **{name: a.get(name) for name in ("image_weights", "embeds_scaling", "frames", "tiles")},
         )
         for a in record.get("adapters") or []
     ]

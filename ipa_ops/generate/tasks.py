@@ -27,13 +27,15 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from ipa_ops.flow.models import SCHEDULERS, ModelSpec
 from ipa_ops.flow.sources import fingerprint, resolve
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.attention import IPBatchState
-from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.generate.loaded import LoadedModel
+from ipa_ops.manifest.frames import frame_slots, per_frame
 
 Equip = Callable[..., LoadedModel]  # Generator.equip: loads the flow's adapters and LoRAs into a pipeline
 
@@ -156,16 +158,17 @@ def call_kwargs(rows: list[RowRequest], pipe: Any = None) -> dict[str, Any]:
     return out
 
 
-def spread_over_frames(state: IPBatchState, row: RowRequest) -> None:
-    """Repeat each row's IP state once per frame (video rows).
+def spread_over_frames(state: IPBatchState, rows: list[RowRequest], aliases: list[str]) -> None:
+    """Repeat each row's IP state once per frame (video rows), then apply its per-frame controls.
 
     AnimateDiff runs the UNet on `rows x frames` samples, frames of one row adjacent
     (`repeat_interleave` of the IP tokens); the batched attention reads per-sample state, so each
-    row's scales, token slots and masks are repeated the same way.
+    row's scales, token slots and masks are repeated the same way. A row's frame weights then scale
+    its frames' samples, and under unfold each frame keeps only its own image's token slot (and mask).
     """
-    if row.task != "video":
+    if rows[0].task != "video":
         return
-    frames = int(row.num_frames or 16)
+    frames = int(rows[0].num_frames or 16)
     state.layer_scales = state.layer_scales.repeat_interleave(frames, 0)
     state.token_valid = [v.repeat_interleave(frames, 0) for v in state.token_valid]
     state.masks = [m.repeat_interleave(frames, 0) if m is not None else None for m in state.masks]
@@ -177,6 +180,32 @@ def spread_over_frames(state: IPBatchState, row: RowRequest) -> None:
         state.embeds_scaling = state.embeds_scaling.repeat_interleave(frames, 0)
     per_row = state.resolve_steps
     state.resolve_steps = lambda steps: per_row(steps).repeat_interleave(frames, 0)
+    for b, row in enumerate(rows):
+        for a, alias in enumerate(aliases):
+            entry = next((x for x in row.adapters if x.alias == alias), None)
+            if entry is not None:
+                _per_frame(state, a, entry, slice(b * frames, (b + 1) * frames), frames)
+
+
+def _per_frame(state: IPBatchState, adapter: int, entry: AdapterInput, samples: slice, frames: int) -> None:
+    """ComfyUI's list weight and unfold_batch for one row's adapter over its frames' samples."""
+    if entry.frame_weights is not None:
+        weights = torch.tensor(per_frame(entry.frame_weights.tolist(), frames), dtype=state.layer_scales.dtype)
+        state.layer_scales[samples, adapter] *= weights[:, None]
+    if not entry.unfold:
+        return
+    frame = torch.arange(frames)
+    given = entry.frame_slots  # IPAdapterWeights' full batch: each image for several frames
+    slots = per_frame([int(s) for s in given.tolist()], frames) if given is not None else None
+    own = torch.tensor(slots or frame_slots(entry.embeds.shape[0], frames))
+    valid = torch.zeros_like(state.token_valid[adapter][samples])
+    valid[frame, own] = True  # joint attention over valid slots = the frame's own image alone
+    state.token_valid[adapter][samples] = valid
+    masks = state.masks[adapter]
+    if entry.masks is not None and masks is not None:  # each frame's mask on its own slot, 0 on the others
+        region = torch.zeros_like(masks[samples])
+        region[frame, own] = entry.masks[torch.tensor(frame_slots(entry.masks.shape[0], frames))]
+        masks[samples] = region
 
 
 def outputs(result: Any) -> list[np.ndarray]:

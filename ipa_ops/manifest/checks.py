@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ipa_ops.flow.schedules import parse_schedule
 from ipa_ops.flow.spec import Flow, GenerateStage
 from ipa_ops.manifest.cells import cell_problem
+from ipa_ops.manifest.frames import FrameOptions, frame_checks
 from ipa_ops.manifest.reading import COLUMN_NAMES, check_columns, coerce_cell, did_you_mean, normalize_adapters
 from ipa_ops.manifest.rows import CHOICES, STORE_KEY, TASK_COLUMNS, AdapterRef, FaceOptions, ManifestRow
 
@@ -156,6 +157,11 @@ def _decode_adapters(value: Any, ctx: _Context, issues: list[tuple[str, str]]) -
                 )
         elif "face" not in entry and spec is not None and _is_faceid(ctx.flow, entry["adapter"]):
             entry["face"] = {}
+        if isinstance(entry.get("frames"), str):
+            try:
+                entry["frames"] = json.loads(entry["frames"])
+            except (json.JSONDecodeError, RecursionError) as exc:
+                issues.append((f"adapters[{i}].frames", f'not valid JSON ({_msg(exc)}); write e.g. {{"unfold": true}}'))
         out.append(entry)
     return out
 
@@ -229,7 +235,13 @@ def _adapter_checks(
                     f"(face_crop, or face.crop: true); not {alias!r}",
                 )
     images, masks, negatives = (_str_list(entry.get(k)) for k in ("images", "masks", "negative_images"))
-    counts_ok = images is not None and masks is not None and (not masks or len(masks) == len(images))
+    frames = entry.get("frames") if isinstance(entry.get("frames"), dict) else {}
+    unfold = frames.get("unfold") is True or frames.get("method") is not None
+    counts_ok = images is not None and masks is not None and (not masks or unfold or len(masks) == len(images))
+    if isinstance(entry.get("frames"), dict):
+        yield from frame_checks(at, entry, data)
+    if entry.get("tiled") is True:
+        yield from _tiled_checks(at, entry, ctx.flow)
     if images is not None and masks and not counts_ok:
         yield f"{at}.masks", f"{_n(len(masks), 'mask')} for {_n(len(images), 'image')}; give one mask per image or none"
     weights = entry.get("image_weights")
@@ -252,6 +264,17 @@ def _adapter_checks(
             problem = _aspect_problem(uri, data, ctx)
             if problem:
                 yield f"{at}.masks[{j}]", problem
+
+
+def _tiled_checks(at: str, entry: Mapping[str, Any], flow: Flow) -> Iterable[tuple[str, str]]:
+    """A tiled entry (IPAdapterTiled) needs an encoder that stores tiles, one image and no masks."""
+    spec = flow.adapters.get(entry.get("adapter")) if isinstance(entry.get("adapter"), str) else None
+    encoder = flow.encoders.get(spec.encoder) if spec is not None and spec.encoder else None
+    if spec is not None and (encoder is None or encoder.tiles is None):
+        name = spec.encoder
+        yield f"{at}.tiled", f"encoder {name!r} stores no tiles; set encoders.{name}.tiles: {{}} in the flow"
+    if len(_str_list(entry.get("images")) or []) != 1 or len(_str_list(entry.get("masks")) or []) > 1:
+        yield f"{at}.tiled", "a tiled entry takes one image (its tiles carry their own regions) and at most one mask"
 
 
 def _reference_problem(uri: str, ctx: _Context) -> str | None:
@@ -294,7 +317,8 @@ def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     last = next((p for p in reversed(loc) if isinstance(p, str)), "")
     if kind == "extra_forbidden":
-        owner = FaceOptions if loc[-2:-1] == ("face",) else AdapterRef if loc[:1] == ("adapters",) else ManifestRow
+        nested = {("face",): FaceOptions, ("frames",): FrameOptions}.get(tuple(loc[-2:-1]))
+        owner = nested or (AdapterRef if loc[:1] == ("adapters",) else ManifestRow)
         keys = [k for k in owner.model_fields if k != "metadata"]
         return field, f"unknown key{did_you_mean(str(loc[-1]), keys)}; allowed: {', '.join(keys)}"
     if kind == "missing":

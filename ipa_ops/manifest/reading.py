@@ -45,6 +45,9 @@ _ADAPTER_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "mask_fit": (pa.string(), "Fitting a mask of another aspect ratio: pad or crop; empty: must match within 1%."),
     "soft_masks": (pa.bool_(), "Use mask grey levels as weights instead of thresholding them."),
     "face": (pa.string(), 'FaceID options as JSON: {"fallback": "skip"} or {"fallback": "drop_adapter"} (no face).'),
+    "tiled": (pa.bool_(), "ComfyUI's IPAdapterTiled: the image's 256 px tiles, each on its own region (needs an "
+              "encoder with `tiles`)."),  # fmt: skip
+    "frames": (pa.string(), 'Video rows, as JSON: {"unfold": true} (image i conditions frame i), per-frame "weights".'),
 }
 ADAPTER_FIELD_DOCS: dict[str, str] = {k: doc for k, (_, doc) in _ADAPTER_FIELDS.items()}
 ADAPTER_TYPE = pa.struct([(k, t) for k, (t, _) in _ADAPTER_FIELDS.items()])
@@ -152,7 +155,7 @@ def _normalize_entry(entry: dict[str, Any]) -> dict[str, Any]:
     out.update({k: v for k, v in entry.items() if k not in _ADAPTER_FIELDS})
     for key in ("images", "masks", "negative_images"):
         out[key] = [] if out[key] is None else [out[key]] if isinstance(out[key], str) else out[key]
-    for key in ("scale", "face"):
+    for key in ("scale", "face", "frames"):
         out[key] = _json_text(out[key])
     return out
 
@@ -175,7 +178,7 @@ def readable_adapters(entries: list[Any]) -> list[Any]:
     for entry in entries:
         if isinstance(entry, dict):
             entry = {k: v for k, v in entry.items() if v is not None and v != []}
-            for key in ("scale", "face"):
+            for key in ("scale", "face", "frames"):
                 if isinstance(entry.get(key), str):
                     try:
                         entry[key] = json.loads(entry[key])

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipa_ops.flow.models import SchedulerName
+from ipa_ops.manifest.frames import FrameOptions
 from ipa_ops.manifest.reading import ADAPTER_FIELD_DOCS, COLUMN_DOCS
 from ipa_ops.manifest.reading import MANIFEST_SCHEMA as MANIFEST_SCHEMA
 from ipa_ops.manifest.reading import image_size as image_size  # re-exported: the public face of the manifest
@@ -76,6 +77,8 @@ class AdapterRef(_Strict):
     face: FaceOptions | None = Field(
         None, description="Face options (FaceID adapters, CLIP adapters fed face crops); set with defaults for FaceID."
     )
+    frames: FrameOptions | None = Field(None, description=ADAPTER_FIELD_DOCS["frames"])
+    tiled: bool = Field(False, description=ADAPTER_FIELD_DOCS["tiled"])
 
     def scale_text(self) -> str:
         """The schedule as written, for results and the report."""

@@ -37,8 +37,15 @@ _ADAPTER = pa.struct(
         ("scale", pa.string()),
         ("schedule_hash", pa.string()),
         ("face", _FACE),
+        ("image_weights", pa.list_(pa.float64())),
+        ("embeds_scaling", pa.string()),
+        ("frames", pa.struct([("unfold", pa.bool_()), ("weights", pa.list_(pa.float64())),
+                              ("slots", pa.list_(pa.int64()))])),  # fmt: skip
+        ("tiles", pa.struct([("frame", pa.list_(pa.int64())), ("boxes", pa.list_(pa.list_(pa.int64()))),
+                             ("size", pa.list_(pa.int64()))])),  # fmt: skip
     ]
 )
+_SET_ONLY = ("image_weights", "embeds_scaling", "frames", "tiles")  # in a record only when set (plan.py)
 _SCHEDULER = pa.struct(
     [("name", pa.string()), ("class_name", pa.string()), ("options", pa.string()), ("config_hash", pa.string())]
 )
@@ -68,7 +75,8 @@ RECORD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "adapters": (
         pa.list_(_ADAPTER),
         "Per adapter: alias, fingerprint, encoder, store field, references and negatives (URI, sha256, store key), "
-        "masks (URI, sha256), combine, mask fit, scale spec (JSON), effective schedule hash, FaceID-Plus options.",
+        "masks (URI, sha256), combine, mask fit, scale spec (JSON), effective schedule hash, FaceID-Plus options, "
+        "ComfyUI's image weights, embeds scaling, per-frame controls (video) and tile regions (tiled entries).",
     ),
     "batch": (
         pa.struct([("row_keys", pa.list_(pa.string())), ("torch_threads", pa.int64()), ("device", pa.string())]),
@@ -108,7 +116,10 @@ def from_columns(row: Mapping[str, Any]) -> dict[str, Any]:
     if record["scheduler"] is not None:
         record["scheduler"] = {**record["scheduler"], "options": json.loads(record["scheduler"]["options"] or "{}")}
     record["sources"] = json.loads(record["sources"]) if record.get("sources") else None
-    record["adapters"] = [{**a, "scale": json.loads(a["scale"])} for a in record.get("adapters") or []]
+    record["adapters"] = [
+        {**{k: v for k, v in a.items() if not (k in _SET_ONLY and v is None)}, "scale": json.loads(a["scale"])}
+        for a in record.get("adapters") or []
+    ]
     return record
 
 

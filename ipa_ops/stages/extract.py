@@ -153,7 +153,8 @@ class EncodeActor:
 
             folder = clip_folder(self.spec, self.mirror)  # CLIP, or SigLIP (SD3.5's encoder) by its config
             self._encoder = vision_encoder(
-                folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu, uncond_image=self.spec.uncond_image
+                folder, self.spec.hidden_states, self.spec.crop, gpu=self.gpu, uncond_image=self.spec.uncond_image,
+                prep=self.spec.prep,
             )
         else:
             from ipa_ops.store.encoders.face import FaceEncoder
@@ -205,9 +206,29 @@ class EncodeActor:
             if "error" in fields:
                 row = store_row(job, self.enc_id, "clip", status="error", error=fields["error"])
             else:
-                shape = {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
-                row = store_row(job, self.enc_id, "clip", **fields, **shape)
-            job["result"] = pickle.dumps([row])
+                row = store_row(job, self.enc_id, "clip", **fields, **_shape(fields))
+            tiles: list[dict[str, Any]] = []
+            if self.spec.tiles is not None and "error" not in fields:
+                try:
+                    tiles = self._tile_rows(job)
+                except Exception as exc:  # the image stays un-stored (an error row), its batch goes on
+                    error = f"{job['uri']}: tiles of encoder {self.alias} failed ({type(exc).__name__}: {exc})"
+                    row = store_row(job, self.enc_id, "clip", status="error", error=error)
+            job["result"] = pickle.dumps([row, *tiles])
+
+    def _tile_rows(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """ComfyUI's IPAdapterTiled tiles of one image, as derived rows `<tile_sha>/<encoder id>` (tiles.py)."""
+        from ipa_ops.store.encoders.tiles import tile_images, tile_sha
+
+        assert self.spec.tiles is not None
+        sharpening = self.spec.tiles.sharpening
+        images, plan = tile_images(_image(job), sharpening)
+        rows = []
+        for i, fields in enumerate(self.encoder.encode(images)):
+            where = f"tile {i + 1} of {len(images)}, box {plan.boxes[i]} of the {plan.frame[0]}x{plan.frame[1]} image"
+            tile = {"sha256": tile_sha(job["sha256"], i, sharpening), "uri": f"{job['uri']}#tile-{i}", "notes": where}
+            rows.append(store_row(tile, self.enc_id, "clip", **fields, **_shape(fields)))
+        return rows
 
     def _encode_one(self, job: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -241,6 +262,10 @@ class EncodeActor:
             _job(uri, sha, alias, "todo" if want else "stored", **(fields if want else {"origin": self.alias}))
             for alias, want in zip(self.crop_encoders, wanted, strict=True)
         ]
+
+
+def _shape(fields: dict[str, Any]) -> dict[str, list[int]]:
+    return {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
 
 
 def ensure_ray(address: str | None) -> bool:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipa_ops.flow.prep import ReferencePrep
+from ipa_ops.store.encoders import prep as comfy_prep
 from ipa_ops.store.encoders.ids import clip_processor
 
 CROP_MODES = ("center", "pad", "none")
@@ -64,7 +66,7 @@ class ClipEncoder(VisionEncoder):
 
     def __init__(
         self, folder: str | Path, hidden_states: bool = False, crop: str = "center", gpu: bool = False,
-        uncond_image: str = "zeros",
+        uncond_image: str = "zeros", prep: ReferencePrep | None = None,
     ):  # fmt: skip
         from transformers import CLIPVisionModelWithProjection
 
@@ -77,9 +79,13 @@ class ClipEncoder(VisionEncoder):
         self.hidden_states = hidden_states
         self.crop = crop
         self.uncond_image = uncond_image
+        self.prep = prep
 
     def prepare(self, image: Image.Image) -> Image.Image:
-        """Apply the crop mode before the processor: `pad` letterboxes to a square, `none` squashes."""
+        """Apply the crop mode before the processor: `pad` letterboxes to a square, `none` squashes; or
+        ComfyUI's PrepImageForClipVision when the encoder has `prep`."""
+        if self.prep is not None:
+            return comfy_prep.to_pil(comfy_prep.prepare(image, self.prep))
         if self.crop == "center" or image.width == image.height:
             return image
         if self.crop == "pad":

@@ -170,6 +170,9 @@ def encoder_id(alias: str, spec: EncoderSpec, mirror: str | None) -> str:
         }
         if spec.uncond_image != "zeros":  # diffusers' default adds nothing: old encoder ids stay
             facts["uncond_image"] = spec.uncond_image
+        for option in (spec.prep, spec.tiles):  # ComfyUI's preparations: other pixels, other embeddings
+            if option is not None:
+                facts.update(option.facts())
     else:
         pack = face_pack_dir(spec, mirror)
         facts = {

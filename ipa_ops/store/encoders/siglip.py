@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipa_ops.flow.prep import ReferencePrep
 from ipa_ops.store.encoders.clip import ClipEncoder, VisionEncoder, pick_device
 
 
@@ -59,12 +60,15 @@ class SiglipEncoder(VisionEncoder):
 
 
 def vision_encoder(
-    folder: str | Path, hidden_states: bool, crop: str, gpu: bool, uncond_image: str = "zeros"
-) -> ClipEncoder | SiglipEncoder:
+    folder: str | Path, hidden_states: bool, crop: str, gpu: bool, uncond_image: str = "zeros",
+    prep: ReferencePrep | None = None,
+) -> ClipEncoder | SiglipEncoder:  # fmt: skip
     """The encoder for a `clip`-type folder: SigLIP when the folder is a SigLIP model, else CLIP.
 
     `uncond_image: black` (ComfyUI's negative for Plus adapters) applies to CLIP folders; SigLIP's
     negative is zeros, as diffusers' SD3 pipeline makes it."""
     if is_siglip(folder):
+        if prep is not None:
+            raise ValueError(f"encoder {folder}: `prep` is for CLIP encoders; SigLIP's processor squashes to a square")
         return SiglipEncoder(folder, hidden_states, crop, gpu)
-    return ClipEncoder(folder, hidden_states, crop, gpu, uncond_image=uncond_image)
+    return ClipEncoder(folder, hidden_states, crop, gpu, uncond_image=uncond_image, prep=prep)
