@@ -238,17 +238,19 @@ def _generate(
         progress.update(ok=sum(r["status"] == "ok" for r in rows), errors=sum(r["status"] == "error" for r in rows))
         return [r["row_key"] for r in rows]
 
-    rounds = recovery.Rounds("generate", progress.stream)
     def batches(rows: list[RowPlan], first: bool) -> Any:
         ds = _pipeline(flow, stage, rows, actor_cls, first)
         return ds.iter_batches(batch_size=stage.resources.batch_size, batch_format="numpy")
 
-    if todo:  # a lost node or actor process: the rows not yet back go to a new dataset (recovery.py)
-        rounds.run(todo, lambda p: p.row_key, batches, consume)
+    if not todo:
+        progress.close()
+        return counts
+    rounds = recovery.Rounds("generate", progress.stream)  # a lost node or actor: the rows not yet back go again
+    rounds.run(todo, lambda p: p.row_key, batches, consume)
     progress.close()
-    faults = rounds.faults()
     if rounds.redone_keys:  # a writer killed mid-write leaves a hidden temp file; these rows are all done now
         OutputDir(stage.output).remove_orphan_temps(rounds.redone_keys)
+    faults = rounds.faults()
     if faults:
         progress.stream.write(faults["message"] + "\n")
         counts["faults"] = faults  # into the summary and so the ledger record
