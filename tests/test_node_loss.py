@@ -4,8 +4,8 @@ The head and a second node (`ray start --address`) each run in a process group o
 (tests/ray_nodes.py), under Ray's token authentication with a token made for the test (so
 `~/.ray/auth_token` and any other Ray on the machine play no part), in a temp folder of their own.
 Each node advertises one `ipa_gen` resource and the generator actors need one each, so one
-generator runs on each node. Once the first results part is committed and the worker node's
-generator is up, the worker's whole process group (raylet, its workers, the generator) is SIGKILLed,
+generator runs on each node. Once the worker node's generator is making a batch, the worker node
+(its process group and every process its raylet started, the generator among them) is SIGKILLed,
 as a lost machine would be. The run must finish on the head alone with every row exactly once
 `ok`, every file readable, and a ledger record saying what was lost.
 """
@@ -28,13 +28,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from ray_nodes import free_port, node_processes, start_node, stop_group
-from test_stop import REPO, _command, _env, _manifest, _parts, assert_everything_reads
+from test_stop import REPO, _command, _env, _manifest, assert_everything_reads
 
+from ipa_ops.cli import main
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.outputs.ledger import read_ledger
 
 STARTED = "Ray runtime started."
-ROWS = 12  # six batches of two over two generators: the kill meets rows done, in flight and not started
+ROWS = 12  # six batches of two over two generators: the kill meets a batch in flight and rows not started
 NODE = r"\S+ \(node [0-9a-f]{12}\)"  # how a lost node is named: its address and id
 
 
@@ -89,12 +90,15 @@ def two_nodes() -> Iterator[TwoNodes]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _generator_on(node: subprocess.Popen) -> bool:
-    """Whether a generator actor runs on the node (Ray titles an actor's process after its class)."""
-    return any("GeneratorActor" in cmd for _, cmd in node_processes(node.pid))
+def _generating_on(node: subprocess.Popen) -> bool:
+    """Whether a generator actor on the node is making a batch now (Ray titles an actor's process after its
+    class, `ray::MapWorker(MapBatches(GeneratorActor))`, with `.submit` while a batch runs)."""
+    return any("GeneratorActor)).submit" in cmd for _, cmd in node_processes(node.pid))
 
 
-def test_a_worker_node_killed_mid_run_loses_no_row(two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path) -> None:
+def test_a_worker_node_killed_mid_run_loses_no_row(
+    two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = _manifest(tmp_path / "manifest.csv")
     pd.read_csv(manifest).head(ROWS).to_csv(manifest, index=False)
     out = tmp_path / "out"
@@ -107,11 +111,11 @@ def test_a_worker_node_killed_mid_run_loses_no_row(two_nodes: TwoNodes, tmp_path
     try:
         deadline = time.monotonic() + 150
         while proc.poll() is None and time.monotonic() < deadline:
-            if _parts(out) and _generator_on(two_nodes.worker):
-                break  # mid-run, with a generator on the worker node
+            if _generating_on(two_nodes.worker):
+                break  # mid-run, with a batch in flight on the worker node
             time.sleep(0.2)
         assert proc.poll() is None, f"the run ended before the node could be killed: {proc.communicate()}"
-        assert _generator_on(two_nodes.worker), f"no generator on the worker: {node_processes(two_nodes.worker.pid)}"
+        assert _generating_on(two_nodes.worker), f"worker not generating: {node_processes(two_nodes.worker.pid)}"
         stop_group(two_nodes.worker, term_grace=0)  # SIGKILL: as a machine that is gone
         killed_with = len(OutputDir(str(out)).read_results())  # rows committed before the kill
         stdout, stderr = proc.communicate(timeout=180)
@@ -120,7 +124,7 @@ def test_a_worker_node_killed_mid_run_loses_no_row(two_nodes: TwoNodes, tmp_path
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, stderr[-4000:]
-    assert 0 < killed_with < ROWS
+    assert killed_with < ROWS
     results = assert_everything_reads(out)
     assert sorted(results["id"]) == [f"r{i:02d}" for i in range(ROWS)]  # every row exactly once
     assert set(results["status"]) == {"ok"}
@@ -128,6 +132,7 @@ def test_a_worker_node_killed_mid_run_loses_no_row(two_nodes: TwoNodes, tmp_path
     gen = json.loads(stdout.split("generate: ", 1)[1].splitlines()[0])
     faults = gen["faults"]
     assert gen["ok"] == ROWS and len(faults["nodes_lost"]) == 1 and re.fullmatch(NODE, faults["nodes_lost"][0])
+    assert faults["rounds"] >= 2 and 0 < faults["rows_resubmitted"][0] <= ROWS - killed_with  # the lost batch too
     lines = [line for line in stderr.splitlines() if line.startswith("generate: 1 Ray node(s) lost")]
     assert lines == [faults["message"]], stderr[-3000:]
     assert "every row is in the results once" in lines[0]
@@ -135,6 +140,8 @@ def test_a_worker_node_killed_mid_run_loses_no_row(two_nodes: TwoNodes, tmp_path
     assert record["status"] == "ok" and record["faults"] == lines
     assert record["counts"]["generate"]["faults"]["nodes_lost"] == faults["nodes_lost"]
     assert not os.path.exists(out / "_lease.json")
+    assert main(["runs", "ls", str(out)]) == 0  # what a person looks at first
+    assert capsys.readouterr().out.rstrip().endswith(lines[0])
 
 
 def test_only_lost_workers_start_a_new_round_and_rows_back_are_never_made_again(ray_local: None) -> None:
