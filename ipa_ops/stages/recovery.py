@@ -17,6 +17,7 @@ and the rows made again, and one line saying so.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -107,11 +108,17 @@ class Rounds:
                 left = [r for r in left if key(r) not in done]
                 if cause is None or self.rounds >= limit or not left:
                     raise
+                said = _one_line(cause)
+                # the failed dataset's actors go once nothing refers to them (Ray Data drops its references
+                # and lets them finish their tasks); a cycle through the error's traceback could keep them,
+                # and what they hold (a GPU, a custom resource), alive: drop it before the next dataset asks
+                del exc, cause
+                gc.collect()
                 self.resubmitted.append(len(left))
                 self.redone_keys.update(key(r) for r in left)
-                self.causes.append(_one_line(cause))
+                self.causes.append(said)
                 self.stream.write(
-                    f"{self.stage}: lost a Ray worker ({_one_line(cause)}); the {len(left)} row(s) not yet back "
+                    f"{self.stage}: lost a Ray worker ({said}); the {len(left)} row(s) not yet back "
                     f"are made again on the nodes left (round {self.rounds + 1} of at most {limit})\n"
                 )
 
