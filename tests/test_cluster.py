@@ -11,12 +11,9 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_nodes import free_port, start_node, stop_group
 
 from ipa_ops import cli
 from ipa_ops.cluster.jobs import (
@@ -207,12 +205,6 @@ def test_ray_up_config_is_valid_for_the_autoscaler() -> None:
 
 
 # -- a real cluster ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_env() -> dict[str, str]:
     """This process's environment without any Ray address, so nothing points at a cluster by accident."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -233,65 +225,27 @@ def _ready(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A local head with the dashboard on free ports; yields the job server URL; kills its process group."""
+    """A local head with the dashboard on free ports; yields the job server URL; stops its process group."""
     from importlib.util import find_spec
 
     missing = [m for m in ("aiohttp_cors", "opencensus", "prometheus_client", "grpc") if find_spec(m) is None]
     if missing:
         pytest.fail(f"ray[default] is incomplete here (no {', '.join(missing)}); run ./scripts/setup")
     temp = tempfile.mkdtemp(prefix="ipa-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dash = _free_port()
-    args = ["start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
-    args += [f"--port={_free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}"]
-    args += [f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}"]
+    dash = free_port()
+    args = ["start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
+    args += [f"--port={free_port()}", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}"]
+    args += [f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}"]
     args += ["--include-dashboard=true", "--disable-usage-stats"]
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed in the finally below
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=_clean_env(),
-        start_new_session=True,  # its own process group: the teardown signals exactly these processes
-    )
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 90
-        while not _ready(url):
-            if head.poll() is not None or time.monotonic() > deadline:
-                tail = (Path(temp) / "head.log").read_text(errors="replace")[-1500:]
-                pytest.fail(f"the Ray head did not come up (exit {head.poll()}):\n{tail}")
-            time.sleep(0.5)
-        yield url
+        head = start_node(args, Path(temp) / "head.log", _clean_env(), lambda: _ready(url))
+        try:
+            yield url
+        finally:
+            stop_group(head)
     finally:
-        _stop_group(head)
-        log.close()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM every process of the head's group (Ray stops cleanly on it), then SIGKILL what is left."""
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + grace
-        while _alive_in_group(proc) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    proc.wait(timeout=10)
-
-
-def _alive_in_group(proc: subprocess.Popen) -> bool:
-    """Whether a process of the head's group still runs (zombies left to an init that never reaps do not count)."""
-    proc.poll()  # reap the direct child
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == proc.pid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            return True
-    return False
 
 
 def _ipa(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

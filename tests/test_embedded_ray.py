@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_port, start_node, stop_group
 
 from ipa_ops.stages.ray_address import RayUnreachable, init_address
 
@@ -43,12 +43,6 @@ SESSION = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(temp: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return {**env, "RAY_TMPDIR": temp, "PYTHONPATH": str(REPO)}
@@ -58,53 +52,19 @@ def _env(temp: str) -> dict[str, str]:
 def ray_head() -> Iterator[tuple[str, str, subprocess.Popen]]:
     """(Ray temp root, GCS address, head process) of a live head; its whole process group is SIGKILLed after."""
     temp = tempfile.mkdtemp(prefix="ipa-rh-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
-    args = ["start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1"]
+    args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=1"]
     args += ["--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
-    args += [f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed in the finally below
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=_env(temp),
-        start_new_session=True,  # its own process group: teardown kills exactly these processes
-    )
+    args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     record = Path(temp) / "ray" / "ray_current_cluster"
+    written = lambda: record.is_file() and bool(record.read_text().strip())  # noqa: E731
     try:
-        deadline = time.monotonic() + 90
-        while not (record.is_file() and record.read_text().strip()):
-            if head.poll() is not None or time.monotonic() > deadline:
-                tail = (Path(temp) / "head.log").read_text(errors="replace")[-1500:]
-                pytest.fail(f"the Ray head did not come up (exit {head.poll()}):\n{tail}")
-            time.sleep(0.5)
-        yield temp, record.read_text().strip(), head
-    finally:
-        _kill_group(head)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_group(head: subprocess.Popen) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while _group_alive(head.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-def _group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+        head = start_node(args, Path(temp) / "head.log", _env(temp), written)
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            yield temp, record.read_text().strip(), head
+        finally:
+            stop_group(head, term_grace=0)  # SIGKILL, as a crash would
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _embedded_session(temp: str) -> dict:
@@ -125,7 +85,7 @@ def test_embedded_run_neither_joins_a_live_head_nor_waits_for_a_dead_one(
     assert live["discovered"] == head_gcs  # a bare ray.init() would have joined the head...
     assert live["gcs"] != head_gcs and live["value"] == 42  # ...the embedded run started its own Ray
 
-    _kill_group(head)  # as a crash or a killed container leaves it: the record still names the head
+    stop_group(head, term_grace=0)  # as a crash or a killed container leaves it: the record still names the head
     assert (Path(temp) / "ray" / "ray_current_cluster").read_text().strip() == head_gcs
     dead = _embedded_session(temp)
     assert dead["discovered"] == head_gcs
@@ -133,7 +93,7 @@ def test_embedded_run_neither_joins_a_live_head_nor_waits_for_a_dead_one(
 
 
 def test_a_dead_flow_address_fails_fast_in_one_line(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "ipa_ops.cli", "run", str(REPO / "flows" / "quickstart.yaml"), "--stage", "extract"]
@@ -152,7 +112,7 @@ def test_a_dead_flow_address_fails_fast_in_one_line(tmp_path: Path) -> None:
 
 
 def test_ray_address_from_the_environment_is_probed_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     with pytest.raises(RayUnreachable, match=rf"^RAY_ADDRESS {address}: no Ray cluster answers"):

@@ -37,7 +37,7 @@ def test_misspelled_key_names_path_and_suggestion(tmp_path: Path) -> None:
         load_flow(_write(tmp_path, data))
     assert err.value.problems == [
         "stages.generate.resources.batch_sise: unknown key (did you mean 'batch_size'?); "
-        "allowed: actors, batch_size, num_cpus, num_gpus, torch_threads"
+        "allowed: actors, batch_size, custom_resources, num_cpus, num_gpus, torch_threads"
     ]
 
 

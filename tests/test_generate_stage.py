@@ -183,7 +183,7 @@ def test_bad_rows_fail_alone_with_messages(workspace: tuple[Path, Path], zoo_dir
 
 
 class CrashOnThirdBatch(GeneratorActor):
-    """Kills its own process on its third batch, once (a marker file survives the restart)."""
+    """Kills its own process on its third batch, once (a marker file survives into the next dataset's actor)."""
 
     marker = ""
 
@@ -213,6 +213,9 @@ def test_worker_crash_still_gives_every_row_once(workspace: tuple[Path, Path], z
     assert summary["ok"] == 10
     assert sorted(results["id"]) == [f"g{i}" for i in range(10)]  # every row exactly once
     assert len(list((root / "crash" / "results").glob("part-*.parquet"))) == 1
+    faults = summary["faults"]  # the rows not yet back went to a second dataset (stages/recovery.py)
+    assert faults["rounds"] == 2 and faults["nodes_lost"] == [] and faults["rows_resubmitted"][0] <= 10
+    assert faults["message"].startswith("generate: a Ray worker was lost; the rows not yet back")
 
 
 class ReportsThreads(GeneratorActor):

@@ -3,6 +3,8 @@ missing, `ipa compact` on folders of today's and older layouts, and unreadable o
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_quarantine import ShortOnce
 
 from ipa_ops.cli import main
 from ipa_ops.outputs import results_parts
@@ -140,19 +143,35 @@ def test_compact_command_merges_todays_layout_one_part_per_day(tmp_path: Path, c
     assert main(["compact", out.uri]) == 0 and _parts(out) == parts  # nothing left to merge
 
 
-def test_unreadable_part_is_quarantined_and_its_rows_are_not_done(tmp_path: Path, capsys: Any) -> None:
+def test_unreadable_part_is_quarantined_and_its_rows_are_not_done(tmp_path: Path, caplog: Any) -> None:
     out = OutputDir(str(tmp_path / "out"))
     good = out.append_results([_row(0, out=out)])
     bad = out.append_results([_row(1, out=out)])
     Path(bad).write_bytes(Path(bad).read_bytes()[:40])  # a truncated upload
-    assert out.done_keys() == {f"{0:020x}"}  # its row is not done: the next run makes it again
-    err = capsys.readouterr().err.strip().splitlines()
+    with caplog.at_level(logging.WARNING, logger="ipa_ops.storage.quarantine"):  # the line every reader logs
+        assert out.done_keys() == {f"{0:020x}"}  # its row is not done: the next run makes it again
+    lines = [r.getMessage() for r in caplog.records]
     moved = tmp_path / "out" / "results" / "_quarantine" / Path(bad).name
-    assert len(err) == 1 and bad in err[0] and str(moved) in err[0] and "unreadable results part" in err[0]
+    assert len(lines) == 1 and bad in lines[0] and str(moved) in lines[0] and "unreadable results part" in lines[0]
+    assert "\n" not in lines[0] and "will be made again" in lines[0]
     assert moved.is_file() and not Path(bad).exists() and Path(good).exists()
-    reason = (moved.parent / f"{moved.name}.reason.txt").read_text()
-    assert bad in reason and "Parquet" in reason
-    assert list(out.read_results()["id"]) == ["r0"] and capsys.readouterr().err == ""  # said once, then gone
+    reason = json.loads((moved.parent / f"{moved.name}.reason.json").read_text())  # as the store's and ledger's
+    assert reason["original"] == bad and reason["kind"] == "unreadable" and "Parquet" in reason["reason"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ipa_ops.storage.quarantine"):
+        assert list(out.read_results()["id"]) == ["r0"]
+    assert not caplog.records  # said once, then gone
+
+
+def test_a_failed_first_read_of_a_good_part_moves_nothing(tmp_path: Path) -> None:
+    """A read cut short (a dropped connection) is told apart from a bad file: the part is read again whole."""
+    out = OutputDir(str(tmp_path / "out"))
+    path = out.append_results([_row(0, out=out)])
+    assert Path(path).stat().st_size > 500  # so the first read is cut
+    fs = ShortOnce()  # its first read of each file returns 500 bytes, as a connection cut mid-body would
+    table = results_parts.read_part(fs, path)
+    assert table is not None and table.column("id").to_pylist() == ["r0"] and fs.short == {path}
+    assert Path(path).exists() and not (tmp_path / "out" / "results" / "_quarantine").exists()
 
 
 @pytest.mark.parametrize("kind", ["newer", "foreign"])
@@ -177,7 +196,7 @@ def test_newer_or_foreign_part_is_refused_and_never_rewritten(tmp_path: Path, ki
     assert path.read_bytes() == data and not (tmp_path / "out" / "results" / "_quarantine").exists()
 
 
-def test_compaction_quarantines_an_unreadable_part_and_merges_the_rest(tmp_path: Path, capsys: Any) -> None:
+def test_compaction_quarantines_an_unreadable_part_and_merges_the_rest(tmp_path: Path, caplog: Any) -> None:
     out = OutputDir(str(tmp_path / "out"))
     writer = ResultsWriter(out, rows=1, seconds=3600)
     writer.add([_row(0, out=out)])
@@ -185,8 +204,9 @@ def test_compaction_quarantines_an_unreadable_part_and_merges_the_rest(tmp_path:
     writer.add([_row(2, out=out)])
     broken = Path(writer.parts[1])
     broken.write_bytes(b"PAR1 not really")  # no footer: "Parquet magic bytes not found"
-    merged = writer.close()
+    with caplog.at_level(logging.WARNING, logger="ipa_ops.storage.quarantine"):
+        merged = writer.close()
     assert _parts(out) == [Path(merged).name] and sorted(out.read_results()["id"]) == ["r0", "r2"]
     assert (tmp_path / "out" / "results" / "_quarantine" / broken.name).is_file()
-    assert "unreadable results part" in capsys.readouterr().err
+    assert "unreadable results part" in caplog.text
     assert out.done_keys() == {f"{0:020x}", f"{2:020x}"}  # r1 is made again by the next run

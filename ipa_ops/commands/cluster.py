@@ -207,7 +207,8 @@ def _runs_ls(args: argparse.Namespace) -> int:
         gen = r.get("counts", {}).get("generate", {})
         counts = " ".join(f"{k}={gen[k]}" for k in ("ok", "error", "skipped") if k in gen)
         line = f"{r['run_id']}\t{r['status']}\t{r['started_at']}\t{r.get('seconds') or '-'}s\t{counts or '-'}"
-        print(f"{line}\tinputs={len(r.get('inputs', []))}\t{r.get('error', '')}".rstrip())
+        note = r.get("error", "") or "; ".join(r.get("faults") or [])  # what went wrong, or what was survived
+        print(f"{line}\tinputs={len(r.get('inputs', []))}\t{note}".rstrip())
     if not records and not args.json:
         print(f"{args.output}: no runs recorded yet (runs/ is empty)", file=sys.stderr)
     return 0

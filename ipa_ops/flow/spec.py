@@ -134,6 +134,11 @@ class GenerateResources(Resources):
         "CPU-only cluster the cluster's cores divided among the actors, so a CPU run uses the whole machine "
         "(Ray would otherwise give the actor one thread per CPU it reserves).",
     )
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each generator actor needs, e.g. `{a100: 1}`: actors go only to nodes "
+        "started with them (`ray start --resources`). Empty: none.",
+    )
 
 
 class ExtractResources(Resources):

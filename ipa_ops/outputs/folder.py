@@ -16,6 +16,7 @@ nothing a manifest says (an id like `../../etc/passwd`) can make the program wri
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -198,6 +199,23 @@ class OutputDir:
                 raise disk_full(path, exc) from exc  # type: ignore[arg-type]
             raise
         return path
+
+    def remove_orphan_temps(self, row_keys: Iterable[str]) -> int:
+        """Remove the hidden temp files (`write_bytes_atomic`) that writers killed mid-write left for these
+        rows' images and thumbnails; returns how many. Only for rows no live writer works on (the run
+        holds the output's lease and has finished them). Object stores write whole: nothing to remove.
+        """
+        if not self.local:
+            return 0
+        keys = set(row_keys)
+        removed = 0
+        for folder, prefix in {(f, k[:2]) for f in ("images", "thumbs") for k in keys}:  # one listing per folder
+            for tmp in glob.glob(self._inside(self.path(folder, prefix, ".*.tmp"))):
+                if posixpath.basename(tmp)[1:].split(".", 1)[0] in keys:  # `.<row key>.<ext>.<uuid>.tmp`
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(tmp)
+                        removed += 1
+        return removed
 
     def append_results(self, rows: list[Mapping[str, Any]], name: str | None = None) -> str:
         """Write `rows` as a new part (default `results/part-<timestamp>-<uuid>.parquet`); '' when none.

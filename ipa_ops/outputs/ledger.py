@@ -10,7 +10,9 @@ in start order, and `duckdb`'s `read_json('<output>/runs/*.json')` reads them wi
 A record is written when the run starts (status `running`) and rewritten when it ends: `ok`
 (every row fine), `partial` (some rows failed; see results/), `stopped` (SIGTERM or Ctrl-C: it
 committed what was in flight and ended early; a rerun continues) or `failed` (the run raised). A record
-left `running` after its run is gone marks a run that was killed.
+left `running` after its run is gone marks a run that was killed. `faults` holds one line per stage
+that lost Ray nodes or actors on the way and made their rows again (stages/recovery.py); the
+numbers are in that stage's `counts`.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class RunRecord:
             "output": output,
             "inputs": [],
             "counts": {},
+            "faults": [],
             "error": "",
             "host": socket.gethostname(),
             "versions": versions(),
@@ -139,6 +142,8 @@ class RunRecord:
 
     def finish(self, results: dict[str, Any], error: BaseException | None = None) -> dict[str, Any]:
         self.data["counts"] = json.loads(json.dumps(results, default=str))
+        self.data["faults"] = [str(r["faults"]["message"]) for r in results.values()
+                               if isinstance(r, dict) and isinstance(r.get("faults"), dict)]  # fmt: skip
         self.data["finished_at"] = datetime.now(UTC).isoformat()
         self.data["seconds"] = round(time.perf_counter() - self._t0, 3)
         if isinstance(error, RunStopped):

@@ -8,18 +8,16 @@ moved to `<output>/_quarantine/runs/` with its reason, and the ledger reads on w
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
-from ipa_ops.storage.quarantine import Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
+from ipa_ops.storage.quarantine import Problem, one_line, read_checked, set_aside
 
 REQUIRED = ("run_id", "status", "started_at")
 
 
-def _parse(source: io.BytesIO | bytes) -> dict[str, Any]:
-    data = source.read() if isinstance(source, io.BytesIO) else source
-    return json.loads(data.decode("utf-8"))
+def _parse(source: Any) -> dict[str, Any]:
+    return json.loads(source.read().decode("utf-8"))
 
 
 def record_problem(record: Any, path: str, root: str) -> Problem | None:
@@ -33,15 +31,9 @@ def record_problem(record: Any, path: str, root: str) -> Problem | None:
 
 def check_record(fs: Any, path: str, root: str) -> tuple[dict[str, Any] | None, Problem | None]:
     """(record, None), or (None, what is wrong with it). Transient read errors propagate."""
-    try:
-        with fs.open(path, "rb") as f:
-            record = _parse(f.read())
-    except Exception as exc:  # noqa: BLE001 - corruption is told apart from transient errors below
-        if not (is_corrupt(exc) or isinstance(exc, OSError)):
-            raise
-        record, error = confirmed_unreadable(fs, path, _parse)
-        if error is not None:
-            return None, Problem(path, "unreadable", f"not a readable ledger record ({one_line(error)})", root)
+    record, error = read_checked(fs, path, _parse)
+    if error is not None:
+        return None, Problem(path, "unreadable", f"not a readable ledger record ({one_line(error)})", root)
     problem = record_problem(record, path, root)
     return (None, problem) if problem else (record, None)
 
@@ -51,8 +43,5 @@ def read_record(fs: Any, path: str, root: str) -> dict[str, Any] | None:
     record, problem = check_record(fs, path, root)
     if problem is None:
         return record
-    try:
-        quarantine(fs, problem)
-    except OSError as exc:
-        log.warning("%s: %s; skipped (could not move it aside: %s)", problem.path, problem.reason, one_line(exc))
+    set_aside(fs, problem)
     return None

@@ -3,14 +3,15 @@
     <output>/results/part-<ts>-<uuid12>.parquet         written by ipa before buffering (one per batch)
     <output>/results/part-<ts>-r<run>-<seq>.parquet      a run's buffered commits (every N rows / T s)
     <output>/results/part-<ts>-<tag>-c<hex8>.parquet     a compacted part: all the rows of one run
-    <output>/results/_quarantine/<name>(.reason.txt)     unreadable parts, moved aside with why
+    <output>/results/_quarantine/<name>(.reason.json)    unreadable parts, moved aside with why
 
-This module knows files, not rows: it sits below `outputs.py` (which builds tables) and imports
-nothing of ipa but its error type. Readers must cope with compaction running beside them (it writes the merged part,
-then removes the small ones): a part that vanishes between listing and reading is looked for again
-in a fresh listing, and rows seen twice are dropped by `dedupe_attempts`. A part that cannot be read
-at all (a truncated upload, a disk error) is quarantined so one bad file never stops every rerun;
-its rows are then simply not done and are made again. A part stamped with a newer or foreign
+This module knows files, not rows: it sits below `folder.py` (which builds tables) and imports of
+ipa only its error type and the quarantine every reader shares (storage/quarantine.py). Readers must
+cope with compaction running beside them (it writes the merged part, then removes the small ones): a
+part that vanishes between listing and reading is looked for again in a fresh listing, and rows seen
+twice are dropped by `dedupe_attempts`. A part whose bytes are bad (a truncated upload, a cut
+copy; a read cut short is re-read whole first) is quarantined so one bad file never stops every
+rerun; its rows are then simply not done and are made again. A part stamped with a newer or foreign
 schema is refused, never rewritten, because merging it could lose columns this version ignores.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipa_ops.errors import UserError
+from ipa_ops.storage.quarantine import Problem, one_line, read_checked, set_aside
 
 SCHEMA_VERSION = 1  # bump when results columns change meaning; older parts (no stamp) are version 1
 META_KEY = b"ipa.results_schema"
-QUARANTINE = "_quarantine"
 REQUIRED = ("id", "row_key", "status", "finished_at")
 ATTEMPT = ("id", "row_key", "status", "finished_at")  # what makes one attempt (for de-duplication)
 _NAME = re.compile(r"^part-(?P<ts>\d{8}T\d{6,12}Z)-(?P<tag>[0-9a-z]{1,40})(?:-(?P<seq>\d{6}|c[0-9a-f]{8}))?\.parquet$")
@@ -120,19 +120,37 @@ def read_parts(fs: Any, results_dir: str, columns: list[str] | None = None) -> l
 
 def read_part(fs: Any, path: str, columns: list[str] | None = None) -> pa.Table | None:
     """One part, checked; None when it was unreadable (and is now in the quarantine)."""
-    try:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            check_schema(path, parquet.schema_arrow)
-            wanted = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
-            return parquet.read(columns=wanted)
-    except FileNotFoundError:
-        raise
-    except ResultsPartRefused:
-        raise
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        quarantine(fs, path, exc)
-        return None
+
+    def parse(source: Any) -> pa.Table:
+        parquet = pq.ParquetFile(source)
+        check_schema(path, parquet.schema_arrow)
+        wanted = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.read(columns=wanted)
+
+    return _read_or_set_aside(fs, path, parse)
+
+
+def read_part_schema(fs: Any, path: str) -> pa.Schema | None:
+    """A part's checked schema (its footer only); None when it was unreadable (and is now in the quarantine)."""
+
+    def parse(source: Any) -> pa.Schema:
+        schema = pq.read_schema(source)
+        check_schema(path, schema)
+        return schema
+
+    return _read_or_set_aside(fs, path, parse)
+
+
+def _read_or_set_aside(fs: Any, path: str, parse: Any) -> Any:
+    """`parse(part)`; a part whose bytes are bad goes to `results/_quarantine/` (one line) and gives None.
+
+    A vanished part (compacted away) raises FileNotFoundError, a refused one `ResultsPartRefused`.
+    """
+    value, error = read_checked(fs, path, parse)
+    if error is None:
+        return value
+    quarantine(fs, path, error)
+    return None
 
 
 def check_schema(path: str, schema: pa.Schema) -> None:
@@ -164,21 +182,10 @@ def _is_string(kind: pa.DataType) -> bool:
 
 
 def quarantine(fs: Any, path: str, reason: BaseException | str) -> str:
-    """Move an unreadable part to `results/_quarantine/` with a `.reason.txt`; says so in one line."""
-    text = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
-    folder = posixpath.join(posixpath.dirname(path), QUARANTINE)
-    dest = posixpath.join(folder, posixpath.basename(path))
-    fs.makedirs(folder, exist_ok=True)
-    fs.pipe_file(dest + ".reason.txt", f"{datetime.now(UTC).isoformat()} {path}: {text}\n".encode())
-    try:
-        fs.mv(path, dest)
-    except FileNotFoundError:  # another reader moved it first
-        pass
-    print(
-        f"ipa: {path}: unreadable results part ({text}); moved to {dest}; its rows are not done and will be made again",
-        file=sys.stderr,
-    )
-    return dest
+    """Move an unreadable part to `results/_quarantine/` with its `.reason.json`; says so in one line."""
+    text = one_line(reason) if isinstance(reason, BaseException) else reason
+    why = f"unreadable results part ({text}); its rows are not done and will be made again"
+    return set_aside(fs, Problem(path, "unreadable", why, posixpath.dirname(path)))
 
 
 def dedupe_attempts(df: pd.DataFrame) -> pd.DataFrame:

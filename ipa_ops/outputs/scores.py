@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.outputs.results_parts import timestamp
-from ipa_ops.storage.quarantine import QUARANTINE, NewerSchema, Problem, confirmed_unreadable, quarantine
+from ipa_ops.storage.quarantine import QUARANTINE, NewerSchema, Problem, one_line, read_checked, set_aside
 
 SCHEMA_VERSION = 1
 META_KEY = b"ipa.scores_schema"
@@ -97,19 +97,13 @@ def read_records(output: str | OutputDir) -> pd.DataFrame:
 
 def _read_part(out: OutputDir, folder: str, path: str) -> pa.Table | None:
     try:
-        with out.fs.open(path, "rb") as f:
-            return _parse(path, f)
+        table, error = read_checked(out.fs, path, lambda source: _parse(path, source))
     except FileNotFoundError:
         return None
-    except NewerSchema:
-        raise
-    except (OSError, pa.ArrowException, ValueError):  # re-read whole below: only confirmed corruption is moved
-        pass
-    table, error = confirmed_unreadable(out.fs, path, lambda data: _parse(path, data))
     if error is None:
         return table
-    quarantine(out.fs, Problem(path, "unreadable", f"unreadable scores part ({error}); its rows are scored "
-                                                   "again on the next run", folder))  # fmt: skip
+    set_aside(out.fs, Problem(path, "unreadable", f"unreadable scores part ({one_line(error)}); its rows are "
+                                                  "scored again on the next run", folder))  # fmt: skip
     return None
 
 

@@ -206,15 +206,11 @@ def _readable_parts(out: OutputDir) -> list[tuple[str, pa.Schema]]:
     found = []
     for path in results_parts.list_parts(out.fs, out.results_dir()):
         try:
-            with out.fs.open(path, "rb") as f:
-                schema = pq.read_schema(f)
+            schema = results_parts.read_part_schema(out.fs, path)
         except FileNotFoundError:  # compacted away since the listing: its rows are in the merged part
             continue
-        except (OSError, pa.ArrowException, ValueError) as exc:
-            results_parts.quarantine(out.fs, path, exc)
-            continue
-        results_parts.check_schema(path, schema)
-        found.append((path, schema))
+        if schema is not None:  # None: unreadable, now in the quarantine
+            found.append((path, schema))
     return found
 
 

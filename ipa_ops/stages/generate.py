@@ -32,13 +32,9 @@ from ipa_ops.outputs.results_writer import ResultsWriter
 from ipa_ops.outputs.thumbs import write_thumbnail
 from ipa_ops.records.schema import to_columns
 from ipa_ops.report.build import build_report
-from ipa_ops.stages import gpus_per_actor, stopping
+from ipa_ops.stages import gpus_per_actor, recovery, stopping
 from ipa_ops.stages.progress import Progress
 from ipa_ops.store.dataset import EmbeddingStore
-
-
-def _pool(size: int) -> ray.data.ActorPoolStrategy:
-    return ray.data.ActorPoolStrategy(size=size)
 
 
 def _now() -> datetime:
@@ -214,8 +210,8 @@ def _generate(
     skipped: int,
     writer: ResultsWriter,
     actor_cls: type,
-) -> dict[str, int]:
-    """Run the pipeline over `todo`, handing every finished row to `writer`; returns the counts."""
+) -> dict[str, Any]:
+    """Run the pipeline over `todo`, handing every finished row to `writer`; returns the counts (and faults)."""
     failed_rows = [{"id": e["id"], "row_key": "", "status": e.get("status", "error"), "error": e["error"]} for e in bad]
     writer.add([_bare_error(r) for r in failed_rows])
     n_failed = sum(r["status"] == "error" for r in failed_rows)
@@ -227,41 +223,75 @@ def _generate(
         f"generate: {len(todo)} row(s) to make, {skipped} already done, {n_failed} failed their checks\n"
     )
     todo.sort(key=lambda p: json.dumps(p.group_key(), default=str))
-    if todo:
-        res = stage.resources
-        ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=max(1, len(todo) // 4))
-        ds = ds.map_batches(
-            PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, compute=_pool(1), num_cpus=1
-        )
-        ds = ds.map_batches(
-            stopping.guarded(actor_cls),  # after SIGTERM / Ctrl-C, batches not yet started pass on empty
-            fn_constructor_args=(flow.model_dump_json(), res.batch_size, torch_threads(res)),
-            batch_size=res.batch_size,
-            compute=_pool(res.actors),
-            num_gpus=gpus_per_actor(res.num_gpus),
-            num_cpus=res.num_cpus,
-        )
-        ds = ds.map_batches(
-            CommitImages,
-            fn_constructor_args=(stage.output, flow.metadata),
-            batch_size=res.batch_size,
-            compute=_pool(1),
-            num_cpus=0.5,
-        )
-        by_id = {p.row_key: p for p in todo}
-        for batch in ds.iter_batches(batch_size=res.batch_size, batch_format="numpy"):
-            rows = []
-            for i in range(len(batch["plan"])):
-                plan = by_id[RowPlan.from_json(str(batch["plan"][i])).row_key]
-                error = str(batch["error"][i])
-                extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at", "run")}
-                status = "error" if error else "ok"
-                counts[status] += 1
-                rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
-            writer.add(rows)
-            progress.update(ok=sum(r["status"] == "ok" for r in rows), errors=sum(r["status"] == "error" for r in rows))
+    by_id = {p.row_key: p for p in todo}
+
+    def consume(batch: dict[str, Any]) -> list[str]:
+        rows = []
+        for i in range(len(batch["plan"])):
+            plan = by_id[RowPlan.from_json(str(batch["plan"][i])).row_key]
+            error = str(batch["error"][i])
+            extra = {k: batch[k][i] for k in ("seconds", "worker", "schedule_hashes", "started_at", "run")}
+            status = "error" if error else "ok"
+            counts[status] += 1
+            rows.append(_result(plan, status, error, json.loads(str(batch["output"][i]) or "[]"), extra))
+        writer.add(rows)
+        progress.update(ok=sum(r["status"] == "ok" for r in rows), errors=sum(r["status"] == "error" for r in rows))
+        return [r["row_key"] for r in rows]
+
+    def batches(rows: list[RowPlan], first: bool) -> Any:
+        ds = _pipeline(flow, stage, rows, actor_cls, first)
+        return ds.iter_batches(batch_size=stage.resources.batch_size, batch_format="numpy")
+
+    if not todo:
+        progress.close()
+        return counts
+    rounds = recovery.Rounds("generate", progress.stream)  # a lost node or actor: the rows not yet back go again
+    rounds.run(todo, lambda p: p.row_key, batches, consume)
     progress.close()
+    if rounds.redone_keys:  # a writer killed mid-write leaves a hidden temp file; these rows are all done now
+        OutputDir(stage.output).remove_orphan_temps(rounds.redone_keys)
+    faults = rounds.faults()
+    if faults:
+        progress.stream.write(faults["message"] + "\n")
+        counts["faults"] = faults  # into the summary and so the ledger record
     return counts
+
+
+def _pipeline(flow: Flow, stage: GenerateStage, todo: list[RowPlan], actor_cls: type, first: bool) -> ray.data.Dataset:
+    """prepare -> generator pool -> commit over `todo`; pools of the asked size at first, elastic after a loss.
+
+    No pool restarts its actors (`max_restarts=0`): a dead one fails its batch and `recovery.Rounds`
+    starts the rows not yet back again, rather than waiting on a restart that may never fit.
+    """
+    with recovery.no_restarts_warning():
+        return _stages(flow, stage, todo, actor_cls, first)
+
+
+def _stages(flow: Flow, stage: GenerateStage, todo: list[RowPlan], actor_cls: type, first: bool) -> ray.data.Dataset:
+    res = stage.resources
+    ds = ray.data.from_items([{"plan": p.to_json()} for p in todo], override_num_blocks=max(1, len(todo) // 4))
+    ds = ds.map_batches(
+        PrepareRows, fn_constructor_args=(stage.store,), batch_size=res.batch_size, compute=recovery.pool(1, first),
+        num_cpus=1, max_restarts=0,
+    )  # fmt: skip
+    ds = ds.map_batches(
+        stopping.guarded(actor_cls),  # after SIGTERM / Ctrl-C, batches not yet started pass on empty
+        fn_constructor_args=(flow.model_dump_json(), res.batch_size, torch_threads(res)),
+        batch_size=res.batch_size,
+        compute=recovery.pool(res.actors, first),
+        num_gpus=gpus_per_actor(res.num_gpus),
+        num_cpus=res.num_cpus,
+        max_restarts=0,
+        **({"resources": dict(res.custom_resources)} if res.custom_resources else {}),
+    )
+    return ds.map_batches(
+        CommitImages,
+        fn_constructor_args=(stage.output, flow.metadata),
+        batch_size=res.batch_size,
+        compute=recovery.pool(1, first),
+        num_cpus=0.5,
+        max_restarts=0,
+    )
 
 
 def torch_threads(res: GenerateResources) -> int:

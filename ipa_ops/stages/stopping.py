@@ -90,7 +90,11 @@ class Stopper:
 
         with self._lock:
             if self._flag is None:
-                self._flag = ray.remote(num_cpus=0)(_StopFlag).remote()
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                # on the driver's node: losing another node must not lose the flag (stages/recovery.py)
+                self._flag = ray.remote(num_cpus=0, scheduling_strategy=here)(_StopFlag).remote()
                 if self.requested:
                     self._flag.set.remote()
             return self._flag

@@ -8,8 +8,11 @@ The rows it held are then simply missing, so the next run makes them again. Noth
 a person can inspect the file and move it back.
 
 Only definite corruption counts (`is_corrupt`), and a file is re-read whole before it is moved
-(`confirmed_unreadable`), so a transient read error from an object store never quarantines a good
-file. A part written by a newer ipa is not corrupt: readers refuse it (`NewerSchema`) and leave it.
+(`read_checked`, `confirmed_unreadable`), so a transient read error from an object store never
+quarantines a good file. A part written by a newer ipa is not corrupt: readers refuse it (a
+`UserError` such as `NewerSchema`) and leave it. Every reader (store parts, ledger records, results
+and scores parts) reads through `read_checked` and moves files with `set_aside`: one way, one
+`_quarantine/` layout, one line.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -31,6 +34,7 @@ from ipa_ops.errors import UserError
 
 log = logging.getLogger("ipa_ops.storage.quarantine")
 QUARANTINE = "_quarantine"
+T = TypeVar("T")
 
 
 class NewerSchema(UserError):
@@ -79,6 +83,33 @@ def confirmed_unreadable(fs: Any, path: str, parse: Callable[[io.BytesIO], Any])
         return parse(io.BytesIO(data)), None
     except (pa.ArrowException, ValueError) as exc:  # parsing bytes in memory: no I/O left to blame
         return None, exc
+
+
+def read_checked(fs: Any, path: str, parse: Callable[[Any], T]) -> tuple[T | None, BaseException | None]:
+    """`parse(the open file)`; when that fails as bad bytes would, the file is re-read whole and parsed again.
+
+    Returns (parsed, None), or (None, the error) when the bytes themselves are bad. A file that is
+    gone (FileNotFoundError), a refusal (`UserError`, e.g. a newer schema) and errors that are not
+    about the bytes propagate.
+    """
+    try:
+        with fs.open(path, "rb") as fh:
+            return parse(fh), None
+    except (FileNotFoundError, UserError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - corruption is told apart from transient errors below
+        if not (is_corrupt(exc) or isinstance(exc, OSError | pa.ArrowException | ValueError)):
+            raise
+    return confirmed_unreadable(fs, path, parse)
+
+
+def set_aside(fs: Any, problem: Problem) -> str:
+    """What readers do with a bad file: `quarantine` it; '' (and a line saying so) when it cannot be moved."""
+    try:
+        return quarantine(fs, problem)
+    except OSError as exc:  # read-only storage: the file is skipped, not moved
+        log.warning("%s: %s; skipped (could not move it aside: %s)", problem.path, problem.reason, one_line(exc))
+        return ""
 
 
 def quarantine(fs: Any, problem: Problem) -> str:

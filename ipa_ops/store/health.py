@@ -19,7 +19,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ipa_ops.storage.quarantine import NewerSchema, Problem, confirmed_unreadable, is_corrupt, log, one_line, quarantine
+from ipa_ops.storage.quarantine import NewerSchema, Problem, one_line, read_checked, set_aside
 from ipa_ops.store.schema import COMMON
 
 T = TypeVar("T")
@@ -73,13 +73,7 @@ def read_part(fs: Any, path: str, root: str, read: Callable[[pq.ParquetFile], T]
         problem = schema_problem(pf.schema_arrow, path, root)
         return (None, problem) if problem else (read(pf), None)
 
-    try:
-        with fs.open(path, "rb") as fh:
-            return checked(fh)
-    except Exception as exc:  # noqa: BLE001 - corruption is told apart from transient errors below
-        if not (is_corrupt(exc) or isinstance(exc, OSError | pa.ArrowException)):
-            raise
-    result, error = confirmed_unreadable(fs, path, checked)
+    result, error = read_checked(fs, path, checked)
     if error is not None:
         return None, Problem(path, "unreadable", f"not a readable Parquet part ({one_line(error)})", root)
     return result
@@ -108,8 +102,5 @@ def read_or_quarantine(fs: Any, path: str, root: str, read: Callable[[pq.Parquet
         return value
     if not problem.fixable:
         raise newer_error(problem)
-    try:
-        quarantine(fs, problem)
-    except OSError as exc:
-        log.warning("%s: %s; skipped (could not move it aside: %s)", problem.path, problem.reason, one_line(exc))
+    set_aside(fs, problem)
     return None
