@@ -236,6 +236,7 @@ def test_mixed_batch_of_new_controls_equals_rows_alone(
     two = _embeds(ref_style, [refs[:2]])[0]  # two images (the others pad to two slots): K+mean(V) over real tokens
     two_images = dataclasses.replace(rows[5].adapters[0], embeds=two[1], negative=two[0])
     rows[5] = dataclasses.replace(rows[5], adapters=[two_images])
+    rows.append(_regional_row(list(_embeds(ref_style, [refs[1:4]])[0].split(1, dim=1)), "m-regional", 40))
     failures = generator.stats["batch_failures"]
     batched = generator.run_batch(rows)
     assert generator.stats["batch_failures"] == failures  # one pipeline call
@@ -330,3 +331,54 @@ def test_faceid_lora_weight_equals_diffusers_set_adapters(zoo_dir: Path) -> None
     assert np.abs(out.image - diffusers_image()).max() < TOL
     pipe.set_adapters(["faceid_0"], adapter_weights=[1.0])
     assert np.abs(out.image - diffusers_image()).max() > 1e-3  # the weight really changed the image
+
+
+# -- one adapter applied several times in a row (IPAdapterRegionalConditioning + CombineParams) --------
+
+# (ipa's entry: scale spec, embeds_scaling, mask side; ComfyUI's node settings) per application
+REGIONAL = [
+    ({"weight_type": "ease in", "value": 0.9}, "V only", "left", {"weight_type": "ease in", "weight": 0.9}),
+    ({"value": 0.7, "start_at": 0.2, "end_at": 0.8}, "K+V", "right",
+     {"weight": 0.7, "start_at": 0.2, "end_at": 0.8, "embeds_scaling": "K+V"}),
+    ({"weight_type": "style transfer precise", "value": 0.6, "style_boost": 1.2}, "V only", None,
+     {"weight_type": "style transfer precise", "weight": 0.6, "style_boost": 1.2}),
+]  # fmt: skip
+
+
+def _half(side: str | None) -> torch.Tensor | None:
+    if side is None:
+        return None
+    mask = torch.zeros(1, 64, 64)
+    mask[..., :32] = 1.0 if side == "left" else 0.0
+    mask[..., 32:] = 1.0 if side == "right" else 0.0
+    return mask
+
+
+def _regional_row(embs: list[torch.Tensor], rid: str = "regional", seed: int = 31) -> RowRequest:
+    entries = []
+    for (spec, scaling, side, _), emb in zip(REGIONAL, embs, strict=True):
+        entries.append(dataclasses.replace(_input("style", emb, spec, _half(side)), embeds_scaling=scaling))
+    return _row(rid, seed, entries, steps=5)
+
+
+def test_adapter_applied_three_times_equals_comfyuis_patches(
+    generator: Generator, ref_style: StableDiffusionPipeline
+) -> None:
+    """Three entries of one adapter, each with its own image, mask, weight type, window and scaling, are three
+    ComfyUI patches of the same weights: each attends its own image and their outputs add."""
+    embs = _embeds(ref_style, [_refs(3)])[0].split(1, dim=1)  # per image [2 (neg, pos), 1, D]
+    row = _regional_row(list(embs))
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    assert len(generator.load("sd15").adapters) == len(set(generator.load("sd15").adapters))  # loaded once
+    log_sigmas = _log_sigmas(ref_style)
+    comfy = [ComfyRow(log_sigmas=log_sigmas, mask=_half(side), **settings) for _, _, side, settings in REGIONAL]
+    call = dict(prompt=row.prompt, num_inference_steps=5, guidance_scale=row.guidance_scale, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np")  # fmt: skip
+    embeds = torch.cat(embs, dim=1)  # the three applications' images side by side: [neg; pos] x 3
+    expected = comfy_run(ref_style, comfy, ip_adapter_image_embeds=[embeds], **call).images[0]
+    assert np.abs(out.image - expected).max() < TOL
+    first_only = dataclasses.replace(row, adapters=row.adapters[:1])
+    assert np.abs(out.image - generator.generate([first_only])[0].image).max() > 1e-3  # the others count
+    hashes = out.schedule_hashes
+    assert set(hashes) == {"style", "style#2", "style#3"} and len(set(hashes.values())) == 3
