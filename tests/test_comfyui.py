@@ -17,10 +17,11 @@ from comfy_reference import ComfyRow, attention_weight, comfy_index, comfy_sigma
 from comfy_reference import percent_to_sigma as comfy_percent_to_sigma
 from comfy_reference import run as comfy_run
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from test_generator import _embeds, _flow, _input, _reference, _refs, _row
 
 from ipa_ops.flow.schedules import WEIGHT_TYPES, NoiseLevels, parse_schedule, percent_to_sigma, step_profile
-from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.weight_types import comfy_layers, layer_weights
 from ipa_ops.zoo.sd import sd15_unet_config, sdxl_unet_config, unet_from_config
@@ -228,7 +229,7 @@ def test_row_equals_comfyuis_maths(generator: Generator, ref_style: StableDiffus
 
 
 def test_mixed_batch_of_new_controls_equals_rows_alone(
-    generator: Generator, ref_style: StableDiffusionPipeline
+    zoo_dir: Path, generator: Generator, ref_style: StableDiffusionPipeline
 ) -> None:
     refs = _refs(4)
     embs = [_embeds(ref_style, [[refs[i % 4]]])[0] for i in range(len(CONTROLS))]
@@ -237,6 +238,7 @@ def test_mixed_batch_of_new_controls_equals_rows_alone(
     two_images = dataclasses.replace(rows[5].adapters[0], embeds=two[1], negative=two[0])
     rows[5] = dataclasses.replace(rows[5], adapters=[two_images])
     rows.append(_regional_row(list(_embeds(ref_style, [refs[1:4]])[0].split(1, dim=1)), "m-regional", 40))
+    rows.append(_noise_row(zoo_dir, ref_style, 3, "m-noise", 41))
     failures = generator.stats["batch_failures"]
     batched = generator.run_batch(rows)
     assert generator.stats["batch_failures"] == failures  # one pipeline call
@@ -382,3 +384,42 @@ def test_adapter_applied_three_times_equals_comfyuis_patches(
     assert np.abs(out.image - generator.generate([first_only])[0].image).max() > 1e-3  # the others count
     hashes = out.schedule_hashes
     assert set(hashes) == {"style", "style#2", "style#3"} and len(set(hashes.values())) == 3
+
+
+# -- noise negatives (IPAdapterNoise into image_negative) ------------------------------------------
+
+
+def _noise_row(zoo_dir: Path, ref: StableDiffusionPipeline, image: int, rid: str, seed: int) -> RowRequest:
+    """A row whose negative is the `ipa noise` PNG of its own reference, encoded by ipa's encoder as extract does."""
+    from ipa_ops.store.encoders.clip import ClipEncoder
+    from ipa_ops.store.noise import noise_image, to_uint8
+
+    picture = _refs(image + 1)[image]
+    noise = Image.fromarray(to_uint8(noise_image(np.asarray(picture), "gaussian", 0.7, 3)))
+    negative = ClipEncoder(zoo_dir / "h94/IP-Adapter/models/image_encoder").encode([noise])[0]["image_embeds"]
+    emb = _embeds(ref, [[picture]])[0]
+    x = AdapterInput("style", emb[1], torch.from_numpy(negative)[None], parse_schedule(0.8))
+    return _row(rid, seed, [x], steps=5)
+
+
+def test_noise_negative_row_equals_comfyuis_maths(
+    zoo_dir: Path, generator: Generator, ref_style: StableDiffusionPipeline
+) -> None:
+    from ipa_ops.store.noise import noise_image, to_uint8
+
+    row = _noise_row(zoo_dir, ref_style, 2, "noise", 33)
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    picture = _refs(3)[2]
+    noise = Image.fromarray(to_uint8(noise_image(np.asarray(picture), "gaussian", 0.7, 3)))
+    with torch.no_grad():  # diffusers' encode_image of the negative image
+        pixels = ref_style.feature_extractor(noise, return_tensors="pt").pixel_values
+        negative = ref_style.image_encoder(pixels).image_embeds
+    embeds = torch.stack([negative, row.adapters[0].embeds])  # [neg; pos] x 1 image
+    call = dict(prompt=row.prompt, num_inference_steps=5, guidance_scale=row.guidance_scale, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np")  # fmt: skip
+    expected = comfy_run(ref_style, ComfyRow(weight=0.8), ip_adapter_image_embeds=[embeds], **call).images[0]
+    assert np.abs(out.image - expected).max() < TOL
+    zero = dataclasses.replace(row.adapters[0], negative=torch.zeros_like(row.adapters[0].negative))
+    plain = generator.generate([dataclasses.replace(row, adapters=[zero])])[0].image
+    assert np.abs(out.image - plain).max() > 1e-3  # the noise negative changed the image

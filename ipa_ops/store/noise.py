@@ -33,22 +33,32 @@ def noise_image(image: np.ndarray | None, kind: str, strength: float = 1.0, blur
     base = _square(image)  # [1, 224, 224, 3], laid out as ComfyUI's tensor is (random draws follow it)
     gen = torch.Generator().manual_seed(int(torch.sum(base).item()) % 1000000007)  # ComfyUI seeds on the pixel sum
     if kind == "fade":
-        noise = base * (1 - strength) + torch.rand(base.shape, generator=gen) * strength
+        noise = base * (1 - strength) + _uniform(base, gen) * strength
     elif kind == "dissolve":
-        mask = (torch.rand(base.shape, generator=gen) < strength).float()
-        noise = base * (1 - mask) + torch.rand(base.shape, generator=gen) * mask
+        mask = (_uniform(base, gen) < strength).float()
+        noise = base * (1 - mask) + _uniform(base, gen) * mask
     elif kind == "gaussian":
-        noise = base + torch.randn(base.shape, generator=gen) * strength
+        noise = base + _normal(base, gen) * strength
     else:
-        warped = _shuffle(base.permute(0, 3, 1, 2), strength, gen)  # [1, 3, H, W], channels first in memory
-        grain = torch.randn(warped.shape, generator=gen).permute(0, 2, 3, 1) * (strength * 0.75)
-        image_hwc = warped.permute(0, 2, 3, 1)
-        noise = image_hwc * (1 - grain) + grain
+        warped = _shuffle(base.permute(0, 3, 1, 2), strength, gen).permute(0, 2, 3, 1)  # channels first in memory
+        grain = _normal(warped, gen) * (strength * 0.75)
+        noise = warped * (1 - grain) + grain
     noise = torch.clamp(noise, 0, 1)
     if blur > 0:
         size = blur + 1 if blur % 2 == 0 else blur
         noise = gaussian_blur(noise.permute(0, 3, 1, 2), size, size * 0.15 + 0.35).permute(0, 2, 3, 1)
     return noise[0].contiguous().numpy()
+
+
+def _uniform(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`rand_like`: the same strides as `like`, so the draws land where ComfyUI's do (a non-contiguous
+    tensor is filled element by element, which draws different numbers from a contiguous one)."""
+    return torch.empty_like(like).uniform_(0, 1, generator=gen)
+
+
+def _normal(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`randn_like`, with the same care for strides as `_uniform`."""
+    return torch.empty_like(like).normal_(generator=gen)
 
 
 def to_uint8(noise: np.ndarray) -> np.ndarray:
