@@ -335,8 +335,8 @@ def _base(spec: ModelSpec) -> tuple:
 
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:
     """Input shape of one zero image for an adapter no row of the batch uses."""
-    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image
-        return (facts.face_dim,)
+    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image (portrait-unnorm: a 1-token sequence)
+        return (1, facts.face_dim) if facts.raw_face else (facts.face_dim,)
     return (1, facts.image_dim) if facts.needs_hidden_states else (facts.image_dim,)
 
 
