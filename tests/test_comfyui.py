@@ -431,16 +431,9 @@ UNNORM = "ip-adapter-faceid-portrait_sdxl_unnorm.bin"
 
 
 @pytest.fixture(scope="module")
-def unnorm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The zoo's portrait-unnorm checkpoint (tiny sizes), written apart from the shared prebuilt zoo."""
-    from ipa_ops.zoo.common import save_torch
-    from ipa_ops.zoo.faceid import FACEID, _unet_config, attention_slots, faceid_state_dict
-    from ipa_ops.zoo.sizes import TINY
-
-    spec = next(s for s in FACEID if s.stem == UNNORM[:-4])
-    path = tmp_path_factory.mktemp("faceid") / UNNORM
-    save_torch(path, faceid_state_dict(spec, TINY, attention_slots(_unet_config(TINY, "sdxl"))))
-    return path
+def unnorm_file(zoo_dir: Path) -> Path:
+    """The zoo's portrait-unnorm checkpoint, in h94/IP-Adapter-FaceID as on the hub."""
+    return zoo_dir / "h94/IP-Adapter-FaceID" / UNNORM
 
 
 def test_portrait_unnorm_is_its_own_kind(zoo_dir: Path, unnorm_file: Path) -> None:
