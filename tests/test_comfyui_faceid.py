@@ -100,6 +100,19 @@ def test_portrait_unnorm_row_equals_diffusers(zoo_dir: Path, unnorm_file: Path) 
     pipe.set_ip_adapter_scale(0.0)
     plain = pipe(generator=torch.Generator("cpu").manual_seed(8), ip_adapter_image_embeds=embeds, **call).images[0]
     assert np.abs(out.image - plain).max() > 1e-3  # the face embedding conditioned the image
+    # in a mixed batch: another face with a weight type and a sigma window, and a row without adapters
+    other = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(7)) * 20
+    spec = parse_schedule({"weight_type": "strong style transfer", "value": 0.9, "end_at": 0.6})
+    rows = [row, RowRequest(id="u2", prompt="a face", seed=9, model="sdxl", width=64, height=64, steps=4,
+                            adapters=[AdapterInput("unnorm", other, torch.zeros_like(other), spec)]),
+            RowRequest(id="u3", prompt="a room", seed=10, model="sdxl", width=64, height=64, steps=4)]  # fmt: skip
+    failures = generator.stats["batch_failures"]
+    batched = generator.run_batch(rows)
+    assert generator.stats["batch_failures"] == failures  # one pipeline call
+    for r, got in zip(rows, batched, strict=True):
+        alone = out if r is row else generator.generate([r])[0]
+        assert got.image is not None and alone.image is not None, r.id
+        assert np.abs(got.image - alone.image).max() < 2e-3, r.id
 
 
 def test_faceid_plus_negative_is_its_clip_encoders_black_image(zoo_dir: Path) -> None:
