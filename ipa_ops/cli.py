@@ -15,7 +15,7 @@ from ipa_ops.errors import UserError
 
 COMMAND_MODULES = (
     *("core", "zoo", "store", "manifest", "cluster", "doctor"),
-    *("compact", "reproduce", "scores", "export", "schedule"),
+    *("compact", "reproduce", "scores", "export", "schedule", "noise"),
 )
 
 

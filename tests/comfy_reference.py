@@ -149,7 +149,11 @@ class ComfyRow:
 
     def __init__(self, weight_type: str = "linear", weight: float = 1.0, sdxl: bool = False,
                  embeds_scaling: str = "V only", start_at: float = 0.0, end_at: float = 1.0,
-                 log_sigmas: torch.Tensor | None = None, **boosts: Any):  # fmt: skip
+                 log_sigmas: torch.Tensor | None = None, images: int = 1, mask: torch.Tensor | None = None,
+                 **boosts: Any):  # fmt: skip
+        # images: how many of the adapter's images this application (one IPAdapter node) attends;
+        # mask: its [1, H, W] region, weighting its output as diffusers' IPAdapterMaskProcessor downsamples it
+        self.images, self.mask = images, mask
         self.weight, self.weight_type = execute_weight(weight_type, weight, sdxl, **boosts)
         self.sdxl, self.embeds_scaling = sdxl, embeds_scaling
         self.sigma_start = percent_to_sigma(start_at, log_sigmas) if log_sigmas is not None else 999999999.9
@@ -169,12 +173,16 @@ class ComfyRow:
 
 
 class ComfyProcessor(torch.nn.Module):
-    """Cross attention plus `ipadapter_attention` for a single-row CFG batch [uncond; cond]."""
+    """Cross attention plus `ipadapter_attention` for a single-row CFG batch [uncond; cond].
 
-    def __init__(self, name: str, to_k_ip: torch.nn.Module, to_v_ip: torch.nn.Module, row: ComfyRow):
+    Several ComfyRows are several patches of one adapter (IPAdapterRegionalConditioning +
+    IPAdapterCombineParams, or chained nodes): `Attn2Replace` adds each callback's output in turn,
+    each gated on its own sigma window, attending its own images."""
+
+    def __init__(self, name: str, to_k_ip: torch.nn.Module, to_v_ip: torch.nn.Module, rows: list[ComfyRow]):
         super().__init__()
-        self.t_idx, self.block_type = comfy_index(name, row.sdxl)
-        self.to_k_ip, self.to_v_ip, self.row = to_k_ip, to_v_ip, row
+        self.t_idx, self.block_type = comfy_index(name, rows[0].sdxl)
+        self.to_k_ip, self.to_v_ip, self.rows = to_k_ip, to_v_ip, rows
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
                  attention_mask: Any = None, temb: Any = None, **_: Any) -> torch.Tensor:  # fmt: skip
@@ -188,14 +196,21 @@ class ComfyProcessor(torch.nn.Module):
             return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(q.shape[0], -1, q.shape[-1])
 
         out = attend(query, attn.to_k(text), attn.to_v(text))
-        row = self.row
-        if row.sigma <= row.sigma_start and row.sigma >= row.sigma_end:
-            out = out + self._ip(query, ip_tokens.reshape(batch, -1, ip_tokens.shape[-1]), attend)
+        first = 0
+        for row in self.rows:
+            tokens = ip_tokens[:, first : first + row.images]
+            first += row.images
+            if row.sigma <= row.sigma_start and row.sigma >= row.sigma_end:
+                ip = self._ip(query, tokens.reshape(batch, -1, ip_tokens.shape[-1]), attend, row)
+                if row.mask is not None:
+                    from diffusers.image_processor import IPAdapterMaskProcessor
+
+                    ip = ip * IPAdapterMaskProcessor.downsample(row.mask, batch, ip.shape[1], 1)
+                out = out + ip
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
-    def _ip(self, q: torch.Tensor, tokens: torch.Tensor, attend: Any) -> torch.Tensor:
-        row = self.row
+    def _ip(self, q: torch.Tensor, tokens: torch.Tensor, attend: Any, row: ComfyRow) -> torch.Tensor:
         weight, swap = attention_weight(row.weight, row.weight_type, self.t_idx, self.block_type, row.sdxl)
         uncond, cond = tokens.chunk(2) if tokens.shape[0] == 2 else (tokens[:0], tokens)
         if swap:
@@ -218,22 +233,25 @@ class ComfyProcessor(torch.nn.Module):
         return attend(q, ip_k, ip_v) * weight
 
 
-def run(pipe: Any, row: ComfyRow, **call: Any) -> Any:
-    """`pipe(**call)` with its IP processors (one adapter) swapped for ComfyProcessor, then restored."""
+def run(pipe: Any, row: ComfyRow | list[ComfyRow], **call: Any) -> Any:
+    """`pipe(**call)` with its IP processors (one adapter) swapped for ComfyProcessor, then restored;
+    a list of rows applies the adapter once per row, each to its own `images` of the adapter's images."""
+    rows = row if isinstance(row, list) else [row]
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
     original = dict(pipe.unet.attn_processors)
     procs = {}
     for name, proc in original.items():
         if isinstance(proc, IPAdapterAttnProcessor2_0):
-            proc = ComfyProcessor(name, proc.to_k_ip[0], proc.to_v_ip[0], row)
+            proc = ComfyProcessor(name, proc.to_k_ip[0], proc.to_v_ip[0], rows)
         procs[name] = proc
     pipe.unet.set_attn_processor(procs)
-    hook = row.hook(pipe.unet)
+    hooks = [r.hook(pipe.unet) for r in rows]
     try:
         return pipe(**call)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         pipe.unet.set_attn_processor(original)
 
 
@@ -252,3 +270,71 @@ def combine_embeds(embeds: torch.Tensor, method: str) -> torch.Tensor:
     if method == "min":
         return torch.min(embeds, dim=0).values.unsqueeze(0)
     return embeds
+
+
+def make_noise(kind: str, strength: float, blur: int, image_optional: torch.Tensor | None = None) -> torch.Tensor:
+    """IPAdapterNoise.make_noise on ComfyUI's [1, H, W, 3] float image, with its global-generator draws on the
+    tensors' own layouts (`rand_like` keeps strides); torchvision's transforms written out in plain torch."""
+    if image_optional is None:
+        image = torch.zeros([1, 224, 224, 3])
+    else:
+        chw = image_optional.permute([0, 3, 1, 2])
+        side = min(chw.shape[2], chw.shape[3])
+        top, left = int(round((chw.shape[2] - side) / 2.0)), int(round((chw.shape[3] - side) / 2.0))
+        chw = chw[:, :, top : top + side, left : left + side]
+        if side != 224:
+            chw = F.interpolate(chw, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+        image = chw.permute([0, 2, 3, 1])
+    seed = int(torch.sum(image).item()) % 1000000007
+    torch.manual_seed(seed)
+    if kind == "fade":
+        noise = torch.rand_like(image)
+        noise = image * (1 - strength) + noise * strength
+    elif kind == "dissolve":
+        mask = (torch.rand_like(image) < strength).float()
+        noise = torch.rand_like(image)
+        noise = image * (1 - mask) + noise * mask
+    elif kind == "gaussian":
+        noise = torch.randn_like(image) * strength
+        noise = image + noise
+    else:
+        image = _elastic(image.permute([0, 3, 1, 2]), 75.0, (1 - strength) * 3.5)
+        image = image.flip(-2) if torch.rand(1) < 1.0 else image
+        image = image.flip(-1) if torch.rand(1) < 1.0 else image
+        image = image.permute([0, 2, 3, 1])
+        noise = torch.randn_like(image) * (strength * 0.75)
+        noise = image * (1 - noise) + noise
+    noise = torch.clamp(noise, 0, 1)
+    if blur > 0:
+        if blur % 2 == 0:
+            blur += 1
+        noise = _blur(noise.permute([0, 3, 1, 2]), blur, blur * 0.15 + 0.35).permute([0, 2, 3, 1])
+    return noise
+
+
+def _blur(image: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur (rows, then columns), reflect padding: torchvision's gaussian_blur."""
+    x = torch.arange(size, dtype=image.dtype) - (size - 1) / 2
+    line = torch.exp(-0.5 * (x / sigma) ** 2)
+    line = line / line.sum()
+    channels = image.shape[1]
+    padded = F.pad(image, [size // 2] * 4, mode="reflect")
+    rows = F.conv2d(padded, line.view(1, 1, 1, size).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(rows, line.view(1, 1, size, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def _elastic(image: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """torchvision's ElasticTransform(alpha, sigma) with fill 0: random displacements, blurred, then a bilinear warp."""
+    _, _, h, w = image.shape
+    fields = []
+    for extent in (w, h):
+        d = torch.rand([1, 1, h, w]) * 2 - 1
+        if sigma > 0.0:
+            k = int(8 * sigma + 1)
+            d = _blur(d, k if k % 2 else k + 1, sigma)
+        fields.append(d * alpha / extent)
+    identity = F.affine_grid(torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]), [1, 1, h, w], align_corners=False)
+    grid = identity + torch.cat(fields, 1).permute([0, 2, 3, 1])
+    inside = F.grid_sample(torch.ones(1, 1, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped * inside

@@ -17,10 +17,11 @@ from comfy_reference import ComfyRow, attention_weight, comfy_index, comfy_sigma
 from comfy_reference import percent_to_sigma as comfy_percent_to_sigma
 from comfy_reference import run as comfy_run
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from test_generator import _embeds, _flow, _input, _reference, _refs, _row
 
 from ipa_ops.flow.schedules import WEIGHT_TYPES, NoiseLevels, parse_schedule, percent_to_sigma, step_profile
-from ipa_ops.generate.contract import RowRequest
+from ipa_ops.generate.contract import AdapterInput, RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.weight_types import comfy_layers, layer_weights
 from ipa_ops.zoo.sd import sd15_unet_config, sdxl_unet_config, unet_from_config
@@ -228,7 +229,7 @@ def test_row_equals_comfyuis_maths(generator: Generator, ref_style: StableDiffus
 
 
 def test_mixed_batch_of_new_controls_equals_rows_alone(
-    generator: Generator, ref_style: StableDiffusionPipeline
+    zoo_dir: Path, generator: Generator, ref_style: StableDiffusionPipeline
 ) -> None:
     refs = _refs(4)
     embs = [_embeds(ref_style, [[refs[i % 4]]])[0] for i in range(len(CONTROLS))]
@@ -236,6 +237,8 @@ def test_mixed_batch_of_new_controls_equals_rows_alone(
     two = _embeds(ref_style, [refs[:2]])[0]  # two images (the others pad to two slots): K+mean(V) over real tokens
     two_images = dataclasses.replace(rows[5].adapters[0], embeds=two[1], negative=two[0])
     rows[5] = dataclasses.replace(rows[5], adapters=[two_images])
+    rows.append(_regional_row(list(_embeds(ref_style, [refs[1:4]])[0].split(1, dim=1)), "m-regional", 40))
+    rows.append(_noise_row(zoo_dir, ref_style, 3, "m-noise", 41))
     failures = generator.stats["batch_failures"]
     batched = generator.run_batch(rows)
     assert generator.stats["batch_failures"] == failures  # one pipeline call
@@ -298,35 +301,91 @@ def test_sdxl_row_equals_comfyuis_maths(sdxl: tuple[Generator, object], i: int) 
     assert np.abs(out.image - expected).max() < TOL
 
 
-def test_faceid_lora_weight_equals_diffusers_set_adapters(zoo_dir: Path) -> None:
-    """`lora_weight: 0.6` (ComfyUI's default strength) is diffusers' `set_adapters(["faceid_0"], [0.6])`."""
-    from diffusers import AutoPipelineForText2Image
+# -- one adapter applied several times in a row (IPAdapterRegionalConditioning + CombineParams) --------
 
-    from ipa_ops.flow.spec import Flow
-    from ipa_ops.generate.contract import AdapterInput
+# (ipa's entry: scale spec, embeds_scaling, mask side; ComfyUI's node settings) per application
+REGIONAL = [
+    ({"weight_type": "ease in", "value": 0.9}, "V only", "left", {"weight_type": "ease in", "weight": 0.9}),
+    ({"value": 0.7, "start_at": 0.2, "end_at": 0.8}, "K+V", "right",
+     {"weight": 0.7, "start_at": 0.2, "end_at": 0.8, "embeds_scaling": "K+V"}),
+    ({"weight_type": "style transfer precise", "value": 0.6, "style_boost": 1.2}, "V only", None,
+     {"weight_type": "style transfer precise", "weight": 0.6, "style_boost": 1.2}),
+]  # fmt: skip
 
-    sd15, faceid = "stable-diffusion-v1-5/stable-diffusion-v1-5", "h94/IP-Adapter-FaceID"
-    weight = "ip-adapter-faceid_sd15.bin"
-    adapter = {"source": faceid, "weight_name": weight, "encoder": "faces", "lora_weight": 0.6}
-    flow = Flow.model_validate({"name": "f", "mirror": str(zoo_dir), "models": {"sd15": {"source": sd15}},
-                                "encoders": {"faces": {"type": "insightface"}},
-                                "adapters": {"fid": adapter}})  # fmt: skip
-    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(2)), dim=-1)
-    x = AdapterInput("fid", face, torch.zeros_like(face), parse_schedule(0.7))
-    row = RowRequest(id="f", prompt="a portrait", seed=4, model="sd15", width=64, height=64, steps=4, adapters=[x])
-    (out,) = Generator(flow, device="cpu").generate([row])
+
+def _half(side: str | None) -> torch.Tensor | None:
+    if side is None:
+        return None
+    mask = torch.zeros(1, 64, 64)
+    mask[..., :32] = 1.0 if side == "left" else 0.0
+    mask[..., 32:] = 1.0 if side == "right" else 0.0
+    return mask
+
+
+def _regional_row(embs: list[torch.Tensor], rid: str = "regional", seed: int = 31) -> RowRequest:
+    entries = []
+    for (spec, scaling, side, _), emb in zip(REGIONAL, embs, strict=True):
+        entries.append(dataclasses.replace(_input("style", emb, spec, _half(side)), embeds_scaling=scaling))
+    return _row(rid, seed, entries, steps=5)
+
+
+def test_adapter_applied_three_times_equals_comfyuis_patches(
+    generator: Generator, ref_style: StableDiffusionPipeline
+) -> None:
+    """Three entries of one adapter, each with its own image, mask, weight type, window and scaling, are three
+    ComfyUI patches of the same weights: each attends its own image and their outputs add."""
+    embs = _embeds(ref_style, [_refs(3)])[0].split(1, dim=1)  # per image [2 (neg, pos), 1, D]
+    row = _regional_row(list(embs))
+    (out,) = generator.generate([row])
     assert out.error == "" and out.image is not None, out.error
-    pipe = AutoPipelineForText2Image.from_pretrained(zoo_dir / sd15)
-    pipe.load_ip_adapter(str(zoo_dir / faceid), subfolder=None, weight_name=weight, image_encoder_folder=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.set_ip_adapter_scale(0.7)
-    embeds = [torch.stack([torch.zeros_like(face), face])[:, :, None]]  # [neg; pos] x 1 image x 1 x 512
-    call = dict(prompt=row.prompt, num_inference_steps=4, guidance_scale=7.5, height=64, width=64, output_type="np")
+    assert len(generator.load("sd15").adapters) == len(set(generator.load("sd15").adapters))  # loaded once
+    log_sigmas = _log_sigmas(ref_style)
+    comfy = [ComfyRow(log_sigmas=log_sigmas, mask=_half(side), **settings) for _, _, side, settings in REGIONAL]
+    call = dict(prompt=row.prompt, num_inference_steps=5, guidance_scale=row.guidance_scale, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np")  # fmt: skip
+    embeds = torch.cat(embs, dim=1)  # the three applications' images side by side: [neg; pos] x 3
+    expected = comfy_run(ref_style, comfy, ip_adapter_image_embeds=[embeds], **call).images[0]
+    assert np.abs(out.image - expected).max() < TOL
+    first_only = dataclasses.replace(row, adapters=row.adapters[:1])
+    assert np.abs(out.image - generator.generate([first_only])[0].image).max() > 1e-3  # the others count
+    hashes = out.schedule_hashes
+    assert set(hashes) == {"style", "style#2", "style#3"} and len(set(hashes.values())) == 3
 
-    def diffusers_image() -> np.ndarray:
-        return pipe(generator=torch.Generator("cpu").manual_seed(4), ip_adapter_image_embeds=embeds, **call).images[0]
 
-    pipe.set_adapters(["faceid_0"], adapter_weights=[0.6])
-    assert np.abs(out.image - diffusers_image()).max() < TOL
-    pipe.set_adapters(["faceid_0"], adapter_weights=[1.0])
-    assert np.abs(out.image - diffusers_image()).max() > 1e-3  # the weight really changed the image
+# -- noise negatives (IPAdapterNoise into image_negative) ------------------------------------------
+
+
+def _noise_row(zoo_dir: Path, ref: StableDiffusionPipeline, image: int, rid: str, seed: int) -> RowRequest:
+    """A row whose negative is the `ipa noise` PNG of its own reference, encoded by ipa's encoder as extract does."""
+    from ipa_ops.store.encoders.clip import ClipEncoder
+    from ipa_ops.store.noise import noise_image, to_uint8
+
+    picture = _refs(image + 1)[image]
+    noise = Image.fromarray(to_uint8(noise_image(np.asarray(picture), "gaussian", 0.7, 3)))
+    negative = ClipEncoder(zoo_dir / "h94/IP-Adapter/models/image_encoder").encode([noise])[0]["image_embeds"]
+    emb = _embeds(ref, [[picture]])[0]
+    x = AdapterInput("style", emb[1], torch.from_numpy(negative)[None], parse_schedule(0.8))
+    return _row(rid, seed, [x], steps=5)
+
+
+def test_noise_negative_row_equals_comfyuis_maths(
+    zoo_dir: Path, generator: Generator, ref_style: StableDiffusionPipeline
+) -> None:
+    from ipa_ops.store.noise import noise_image, to_uint8
+
+    row = _noise_row(zoo_dir, ref_style, 2, "noise", 33)
+    (out,) = generator.generate([row])
+    assert out.error == "" and out.image is not None, out.error
+    picture = _refs(3)[2]
+    noise = Image.fromarray(to_uint8(noise_image(np.asarray(picture), "gaussian", 0.7, 3)))
+    with torch.no_grad():  # diffusers' encode_image of the negative image
+        pixels = ref_style.feature_extractor(noise, return_tensors="pt").pixel_values
+        negative = ref_style.image_encoder(pixels).image_embeds
+    embeds = torch.stack([negative, row.adapters[0].embeds])  # [neg; pos] x 1 image
+    call = dict(prompt=row.prompt, num_inference_steps=5, guidance_scale=row.guidance_scale, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np")  # fmt: skip
+    expected = comfy_run(ref_style, ComfyRow(weight=0.8), ip_adapter_image_embeds=[embeds], **call).images[0]
+    assert np.abs(out.image - expected).max() < TOL
+    zero = dataclasses.replace(row.adapters[0], negative=torch.zeros_like(row.adapters[0].negative))
+    plain = generator.generate([dataclasses.replace(row, adapters=[zero])])[0].image
+    assert np.abs(out.image - plain).max() > 1e-3  # the noise negative changed the image

@@ -45,10 +45,14 @@ def _plan(tmp_path: Path, zoo_dir: Path, entries: list[dict], monkeypatch: pytes
     eid = encoder_id("vit-h", flow.encoders["vit-h"], flow.mirror_root())
     keys = [f"{c * 64}/{eid}" for c in "abc"]
     monkeypatch.setattr(manifest_plan, "usable_keys", lambda store: set(keys))
+    def entry(e: dict) -> dict:  # a list of entries: the adapter applied once per entry
+        return {"adapter": "style", "images": keys[: e.pop("n", 1)], **e}
+
     rows = [
-        {"id": f"r{i}", "prompt": "x", "seed": 1, "adapters": json.dumps([{"adapter": "style", **e}])}
-        for i, e in enumerate({"images": keys[: e.pop("n", 1)], **e} for e in entries)
-    ]
+        {"id": f"r{i}", "prompt": "x", "seed": 1, "adapters": json.dumps([entry(x) for x in e] if isinstance(e, list)
+                                                                          else [entry(e)])}
+        for i, e in enumerate(entries)
+    ]  # fmt: skip
     manifest = tmp_path / "m.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     assert flow.stages.generate is not None
@@ -164,3 +168,77 @@ def test_black_unconditional_image_is_comfyuis(zoo_dir: Path) -> None:
     ids = [encoder_id("e", EncoderSpec.model_validate({**spec, **extra}), str(zoo_dir))
            for extra in ({}, {"uncond_image": "zeros"}, {"uncond_image": "black"})]  # fmt: skip
     assert ids[0] == ids[1] != ids[2]  # the default keeps old encoder ids
+
+
+def test_one_adapter_applied_twice_plans_two_entries(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each entry of a repeated alias is one application with its own images, scale and scaling; order counts."""
+    first, second = {"n": 1, "scale": {"weight_type": "ease in"}}, {"n": 2, "scale": 0.4, "embeds_scaling": "K+V"}
+    entries = [[dict(first), dict(second)], [dict(second), dict(first)], dict(first)]
+    plans, errors = _plan(tmp_path, zoo_dir, entries, monkeypatch)
+    assert errors == []
+    twice, swapped, once = plans
+    assert [a.alias for a in twice.adapters] == ["style", "style"] and len(twice.adapters[1].keys) == 2
+    assert len({twice.row_key, swapped.row_key, once.row_key}) == 3
+    embeds = {k: torch.randn(24, generator=torch.Generator().manual_seed(i)) for i, k in enumerate("abc")}
+    by_key = {k: embeds[k[0]] for a in twice.adapters for k in a.keys}
+    req = prepare(twice, _Store(by_key))  # type: ignore[arg-type]
+    assert [x.embeds.shape[0] for x in req.adapters] == [1, 2]
+    assert [x.embeds_scaling for x in req.adapters] == ["V only", "K+V"]
+
+
+def test_portrait_unnorm_reads_the_raw_face_embedding() -> None:
+    """The unnormalised face embedding, as a one-token sequence, with a zero negative (ComfyUI's is_portrait_unnorm)."""
+    from ipa_ops.generate.plan import AdapterPlan, RowPlan
+
+    raw = torch.randn(512, generator=torch.Generator().manual_seed(1)) * 20
+    adapter = AdapterPlan("unnorm", "face_embedding", "faces@0", ["k"], [], [], "concat", 0.7)
+    request = {"id": "u", "prompt": "p", "seed": 1, "model": "sdxl", "width": 64, "height": 64}
+    plan = RowPlan("u", "key", request, None, None, [adapter])
+
+    class Faces(_Store):
+        def uncond(self, encoder: str, field: str) -> torch.Tensor:
+            raise AssertionError("the face encoder's stored negative has no raw embedding")
+
+    req = prepare(plan, Faces({"k": raw}))  # type: ignore[arg-type]
+    torch.testing.assert_close(req.adapters[0].embeds, raw.view(1, 1, 512))
+    torch.testing.assert_close(req.adapters[0].negative, torch.zeros(1, 1, 512))
+
+
+def test_faceid_lora_weight_enters_row_keys_only_when_not_one() -> None:
+    from ipa_ops.flow.spec import Flow
+    from ipa_ops.generate.checkpoints import AdapterFacts
+    from ipa_ops.generate.plan import _lora_weight
+
+    adapters = {"fid": {"source": "h94/IP-Adapter-FaceID", "weight_name": "f.bin", "encoder": "faces"}}
+    flow = Flow.model_validate({"name": "f", "models": {"m": {"source": "x"}}, "adapters": adapters,
+                                "encoders": {"faces": {"type": "insightface"}}})  # fmt: skip
+    with_lora = {"fid": AdapterFacts("faceid", 768, 16, 0, 512, 4, lora=True)}
+    assert _lora_weight(flow, "fid", with_lora) == {}  # diffusers' 1.0: old row keys stay
+    flow.adapters["fid"].lora_weight = 0.6
+    assert _lora_weight(flow, "fid", with_lora) == {"lora_weight": 0.6}  # ComfyUI's strength moves the key
+    assert _lora_weight(flow, "fid", {"fid": AdapterFacts("faceid", 768, 16, 0, 512, 16, lora=False)}) == {}
+
+
+def test_face_crop_size_is_comfyuis_for_sdxl(zoo_dir: Path) -> None:
+    """`face_crop_size: 256` crops as ComfyUI's SDXL FaceID (norm_crop image_size=256); only then the id moves."""
+    import numpy as np
+    from insightface.utils.face_align import norm_crop
+
+    from ipa_ops.flow.spec import EncoderSpec
+    from ipa_ops.store.encoders.face import FaceEncoder
+    from ipa_ops.zoo import draw_face
+
+    pack = zoo_dir / "insightface/models/buffalo_l"
+    face = draw_face((200, 200), radius=70, seed=5)
+    found = FaceEncoder(pack, det_size=320, crop_size=256).encode(face)
+    assert found["status"] == "ok" and found["crop"].shape == (256, 256, 3)
+    kps = found["kps"].reshape(5, 2)
+    assert np.array_equal(found["crop"], norm_crop(np.asarray(face.convert("RGB")), landmark=kps, image_size=256))
+    assert FaceEncoder(pack, det_size=320).encode(face)["crop"].shape == (224, 224, 3)
+    ids = [encoder_id("f", EncoderSpec.model_validate({"type": "insightface", **extra}), str(zoo_dir))
+           for extra in ({}, {"face_crop_size": 224}, {"face_crop_size": 256})]  # fmt: skip
+    assert ids[0] == ids[1] != ids[2]
+    with pytest.raises(ValueError, match="face_crop_size must be a multiple of 112 or 128"):
+        EncoderSpec.model_validate({"type": "insightface", "face_crop_size": 250})

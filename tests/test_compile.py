@@ -92,12 +92,14 @@ def test_mixed_batch_compiles_once_without_graph_breaks(
 def test_comfyui_controls_compile_once_without_graph_breaks(
     zoo_dir: Path, ref_style: StableDiffusionPipeline, dynamo: None
 ) -> None:
-    """Precise swaps, embeds scalings and sigma windows are per-row data in the graph, not branches."""
-    from test_comfyui import _control_row
+    """Precise swaps, embeds scalings and sigma windows are per-row data in the graph, not branches; so are
+    the application slots of an adapter listed several times in a row (regional conditioning)."""
+    from test_comfyui import _control_row, _regional_row
     from test_generator import _embeds, _refs
 
     emb = _embeds(ref_style, [_refs(1)])[0]
     rows = [_control_row(ref_style, i, emb) for i in (1, 2, 5, 6)]
+    rows.append(_regional_row(list(_embeds(ref_style, [_refs(3)])[0].split(1, dim=1))))
     eager = Generator(_flow(zoo_dir), device="cpu")
     _check_one_graph(_compiled(_flow(zoo_dir), "whole"), eager, rows, check_first=True)
 

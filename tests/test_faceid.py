@@ -41,6 +41,7 @@ WEIGHTS = {
     "plus": "ip-adapter-faceid-plus_sd15.bin",
     "plusv2": "ip-adapter-faceid-plusv2_sd15.bin",
     "portrait": "ip-adapter-faceid-portrait_sd15.bin",
+    "unnorm": "ip-adapter-faceid-portrait_sdxl_unnorm.bin",
 }
 ADAPTERS: dict[str, Any] = {a: {"source": FACEID, "weight_name": w, "encoder": "faces"} for a, w in WEIGHTS.items()}
 for _plus in ("plus", "plusv2"):
@@ -64,6 +65,7 @@ def _rows(ws: faces_ws.Workspace) -> list[dict[str, Any]]:
         ("v2-a", "sd15", _entry("plusv2", faces[1:2], 0.7, face={"shortcut_scale": 0.6})),
         ("v2-b", "sd15", _entry("plusv2", faces[2:3], 0.8)),
         ("portrait", "sd15", _entry("portrait", faces, 0.8)),
+        ("unnorm", "sdxl", _entry("unnorm", faces[:1], 0.7)),
         ("no-face", "sd15", _entry("faceid", [blank], 0.6)),
         ("skip", "sd15", _entry("faceid", [blank], 0.6, face={"fallback": "skip"})),
         ("drop", "sd15", _entry("faceid", [blank], 0.6, face={"fallback": "drop_adapter"})),
@@ -141,8 +143,9 @@ def test_zoo_faceid_checkpoints_carry_their_lora(zoo_dir: Path) -> None:
     assert "0.to_q_lora.down.weight" in state["ip_adapter"]  # self-attention of the first block: LoRA only
     assert {"1.to_k_ip.weight", "1.to_k_lora.down.weight"} <= set(state["ip_adapter"])
     facts = {a: adapter_facts(zoo_dir / FACEID / w) for a, w in WEIGHTS.items()}
-    assert [facts[a].kind for a in WEIGHTS] == ["faceid", "faceid", "faceid_plus", "faceid_plus", "faceid"]
-    assert [facts[a].lora for a in WEIGHTS] == [True, True, True, True, False]  # portrait: no LoRA
+    kinds = ["faceid", "faceid", "faceid_plus", "faceid_plus", "faceid", "portrait_unnorm"]
+    assert [facts[a].kind for a in WEIGHTS] == kinds
+    assert [facts[a].lora for a in WEIGHTS] == [True, True, True, True, False, False]  # portraits: no LoRA
     assert facts["portrait"].tokens == 16 and facts["faceid"].tokens == 4
 
 
@@ -157,6 +160,20 @@ def test_faceid_row_matches_diffusers(ws: dict[str, Any], generator: Generator, 
     assert np.abs(_ours(generator, row) - expected).max() < TOL
     pipe.disable_lora()  # the LoRA that load_ip_adapter loaded really takes part
     assert np.abs(_call(pipe, row, [_id_embeds([face])]) - expected).max() > 1e-3
+
+
+def test_portrait_unnorm_row_reads_the_raw_face_embedding(ws: dict[str, Any], generator: Generator, zoo_dir: Path):
+    """Planned from the store: the unnormalised `face.embedding` (ComfyUI's is_portrait_unnorm), one token per
+    face, zeros as the negative; the row equals diffusers' pipeline given those embeddings."""
+    row = _request(ws, "unnorm")
+    face = _analyse(zoo_dir, ws["faces"][0])
+    raw = torch.from_numpy(face.embedding).view(1, 1, 512)
+    torch.testing.assert_close(row.adapters[0].embeds, raw, atol=1e-5, rtol=0)
+    assert not row.adapters[0].negative.any() and raw.norm() > 2  # not the unit-length normed embedding
+    pipe = _pipe(zoo_dir, SDXL, WEIGHTS["unnorm"])
+    pipe.set_ip_adapter_scale(0.7)
+    expected = _call(pipe, row, [torch.stack([torch.zeros_like(raw), raw])])  # [neg; pos] x 1 face x 1 token
+    assert np.abs(_ours(generator, row) - expected).max() < TOL
 
 
 def _plus_reference(ws: dict[str, Any], zoo: Path, rid: str, face_path: str, shortcut_scale: float | None) -> Any:

@@ -111,8 +111,8 @@ BAD_ROWS: list[tuple[dict[str, Any], str]] = [
     ),
     ({"adapters": "[{broken"}, "adapters: not valid JSON"),
     (
-        {"adapters": _style() + _style()},
-        "adapters[1].adapter: 'style' is already used by adapters[0]; list all its images there",
+        {"adapters": [{"adapter": "face", "images": ["a.png"]}, {"adapter": "face", "images": ["b.png"]}]},
+        "adapters[1].adapter: 'face' is already used by adapters[0]; a FaceID adapter is applied once per row",
     ),
 ]
 
@@ -124,10 +124,11 @@ def test_each_bad_row_yields_exactly_its_line_and_good_rows_pass(flow: Flow) -> 
         {"id": "g3", "adapters": [{"adapter": "style", "images": [KEY], "scale": '{"preset": "style"}'}]},
         {"id": "g4", "adapters": [{"adapter": "face", "images": ["a.png"]}], "task": "img2img", "init_image": "a.png"},
         {"id": "g5", "adapters": _style(masks=["m.png"], negative_images=["b.png"], combine="average")},
+        {"id": "g6", "adapters": _style(masks=["m.png"]) + _style(scale=0.4)},  # one adapter applied twice
     ]
     bad = [{"id": f"r{i}", **row} for i, (row, _) in enumerate(BAD_ROWS)]
     rows, problems = _check(pd.DataFrame(good + bad), flow)
-    assert [r.id for r in rows] == ["g1", "g2", "g3", "g4", "g5"]
+    assert [r.id for r in rows] == ["g1", "g2", "g3", "g4", "g5", "g6"]
     assert len(problems) == len(BAD_ROWS), "\n".join(problems)
     for i, (_, expected) in enumerate(BAD_ROWS):
         assert problems[i].startswith(f"row r{i}: {expected}"), (problems[i], expected)

@@ -52,6 +52,10 @@ class EncoderSpec(Strict):
         640, ge=64, description="Largest detection size tried; smaller sizes are retried down to 320."
     )
     face: str = Field("largest", description="Which face to keep: `largest`, `best_score`, or an index like `0`.")
+    face_crop_size: int = Field(
+        224, description="Side of the aligned face crop (insightface `norm_crop`) CLIP encodes for "
+        "FaceID-Plus: 224 (diffusers; ComfyUI for SD1.5) or 256 (ComfyUI for SDXL). Enters the encoder id.",
+    )
 
     @model_validator(mode="after")
     def _needs_source(self) -> EncoderSpec:
@@ -61,6 +65,9 @@ class EncoderSpec(Strict):
             raise ValueError("`prep` is for clip encoders and replaces `crop`: drop one of them")
         if self.tiles is not None and (self.type != "clip" or self.prep is not None):
             raise ValueError("`tiles` is for clip encoders and prepares its tiles itself: drop `prep` or `tiles`")
+        if self.face_crop_size <= 0 or (self.face_crop_size % 112 and self.face_crop_size % 128):
+            raise ValueError(f"face_crop_size must be a multiple of 112 or 128 (insightface's norm_crop), e.g. 224 or "
+                             f"256; got {self.face_crop_size}")  # fmt: skip
         return self
 
 

@@ -13,6 +13,9 @@ same thing per sample instead, reading everything that varies from a shared `IPB
   unconditional side at a layer (its conditional side then adds nothing there);
 - `embeds_scaling`: [B, A] ComfyUI's embeds scaling per row (`V only`, `K+V`, `K+V w/ C penalty`,
   `K+mean(V) w/ C penalty`), applied to the cached keys and values, so projections still run once.
+- `sources`: when a row lists one adapter several times (ComfyUI's regional conditioning), the A
+  axis counts applications, not adapters: application i attends images [start, stop) of adapter
+  `sources[i][0]`'s tokens with its own scales, masks and flags, through that adapter's projections.
 
 For a sample with no masks the adapter's images are attended jointly (one softmax over all
 their tokens, diffusers' concat behaviour); with masks each image is attended separately and
@@ -53,6 +56,7 @@ class IPBatchState:
     masked: torch.Tensor | None = None  # [B, A] bool: row uses region masks for this adapter
     uncond_image: torch.Tensor | None = None  # [B, A, L] bool: image on the unconditional side (precise types)
     embeds_scaling: torch.Tensor | None = None  # [B, A] long: index into EMBEDS_SCALING
+    sources: list[tuple[int, int, int]] | None = None  # per application: (adapter, start, stop); None: A = adapters
     step_index: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     cache_kv: bool = True
     resolve_steps: Any = None  # callable(num_steps) -> [B, A, S], called by prepare()
@@ -116,6 +120,12 @@ class IPBatchState:
         last = self.step_scales.shape[-1] - 1 if self.step_scales is not None else step_index + 1
         self.step = min(step_index + 1, last)
         self.step_index.fill_(self.step)
+
+    def applications(self, ip_hidden_states: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+        """(application, adapter, its tokens [B, n, T, C]) for every application of this call."""
+        if self.sources is None:
+            return [(a, a, tokens) for a, tokens in enumerate(ip_hidden_states)]
+        return [(i, a, ip_hidden_states[a][:, start:stop]) for i, (a, start, stop) in enumerate(self.sources)]
 
     def distinct(self, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows to project, index that expands them back) when every negative row of a CFG batch is the
@@ -250,13 +260,13 @@ class BatchedIPAttnProcessor(torch.nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _kv(self, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """IP keys and values [B, n, T, inner]; computed once per pipeline call when caching."""
+    def _kv(self, slot: int, adapter: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IP keys and values [B, n, T, inner] of one application; computed once per pipeline call when caching."""
         state = self.state
         assert state is not None
-        if state.cache_kv and (adapter, id(self)) in state._kv:
-            return state._kv[(adapter, id(self))]
-        distinct = state.distinct(adapter, tokens) if state.cache_kv else None
+        if state.cache_kv and (slot, id(self)) in state._kv:
+            return state._kv[(slot, id(self))]
+        distinct = state.distinct(slot, tokens) if state.cache_kv else None
         if distinct is None:
             kv = self.to_k_ip[adapter](tokens), self.to_v_ip[adapter](tokens)
         else:  # the shared negative once, then every row's own tokens; expanded back to the full batch
@@ -265,7 +275,7 @@ class BatchedIPAttnProcessor(torch.nn.Module):
             key, value = (proj[adapter](unique).index_select(0, back) for proj in (self.to_k_ip, self.to_v_ip))
             kv = key, value
         if state.cache_kv:
-            state._kv[(adapter, id(self))] = kv
+            state._kv[(slot, id(self))] = kv
         return kv
 
     def _ip_attention(
@@ -276,13 +286,13 @@ class BatchedIPAttnProcessor(torch.nn.Module):
         assert state is not None
         batch, _, queries, _ = query.shape
         total = torch.zeros(batch, queries, attn.heads * head_dim, dtype=query.dtype, device=query.device)
-        for adapter, tokens in enumerate(ip_hidden_states):
+        for adapter, projection, tokens in state.applications(ip_hidden_states):
             if not state.attends(adapter, self.layer):  # eager: a host flag settled before the loop
                 continue
             scale = state.scales(adapter, self.layer_index, batch).to(query.dtype)
             if tokens.ndim == 3:  # [B, n*T, C] projections without an image axis
                 tokens = tokens.unsqueeze(1)
-            ip_key, ip_value = self._kv(adapter, tokens)
+            ip_key, ip_value = self._kv(adapter, projection, tokens)
             keep = None
             if state.general or state.any_uncond[adapter]:
                 ip_key, ip_value, keep = state.precise(adapter, self.layer_index, ip_key, ip_value)

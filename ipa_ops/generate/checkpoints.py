@@ -20,7 +20,7 @@ from safetensors import safe_open
 class AdapterFacts:
     """What an IP-Adapter checkpoint expects, read from its tensor shapes."""
 
-    kind: str  # "pooled", "plus", "full_face", "faceid", "faceid_plus", "sd3" (InstantX: timestep-dependent tokens)
+    kind: str  # "pooled", "plus", "full_face", "faceid", "faceid_plus", "portrait_unnorm", "sd3" (InstantX)
     cross_attention_dim: int
     ip_layers: int
     image_dim: int  # pooled projection dim or hidden size it consumes (0 for faceid)
@@ -34,17 +34,27 @@ class AdapterFacts:
         return self.face_dim > 0
 
     @property
+    def raw_face(self) -> bool:
+        """Portrait-unnorm reads the unnormalised face embedding, as a one-token sequence, into a Resampler."""
+        return self.kind == "portrait_unnorm"
+
+    @property
     def needs_hidden_states(self) -> bool:
         return self.kind in ("plus", "full_face", "faceid_plus", "sd3")
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes by flat key (h94's nested groups joined: `image_proj.*`), without loading weights."""
+    # ComfyUI tells the portrait-unnorm checkpoint by its file name ("unnorm"): its keys are a Plus adapter's
+    marker = {UNNORM_MARKER: ()} if "unnorm" in path.name.lower() else {}
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            return {**{k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}, **marker}
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {f"{group}.{k}": tuple(v.shape) for group, sub in state.items() for k, v in sub.items()}
+    return {**{f"{group}.{k}": tuple(v.shape) for group, sub in state.items() for k, v in sub.items()}, **marker}
+
+
+UNNORM_MARKER = "portraitunnorm"  # the flag ComfyUI's loader sets on such a checkpoint
 
 
 def encoder_dims(folder: Path) -> tuple[int, int]:

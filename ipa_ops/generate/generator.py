@@ -22,11 +22,12 @@ from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.schedules import NoiseLevels, ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
 from ipa_ops.flow.spec import AdapterSpec, Flow
-from ipa_ops.generate import attention, faceid, loras, memory, tasks
+from ipa_ops.generate import attention, faceid, loras, memory, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
-from ipa_ops.generate.contract import RowOutput, RowRequest
+from ipa_ops.generate.contract import AdapterInput, RowOutput, RowRequest
 from ipa_ops.generate.families import family_of
 from ipa_ops.generate.families.base import ModelFamily, effective, layer_scales
+from ipa_ops.generate.families.unet import UNetFamily
 from ipa_ops.generate.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -207,20 +208,35 @@ class Generator:
         self, loaded: LoadedModel, pipe: Any, rows: list[RowRequest]
     ) -> tuple[attention.IPBatchState, list[torch.Tensor], list[torch.Tensor]]:
         """Pad each adapter's images across rows and build the per-sample state; per-adapter [rows, ...]
-        positive and negative embeddings, on the device in the denoiser's dtype."""
-        n_rows, n_adapters, n_layers = len(rows), len(loaded.adapters), len(loaded.layer_names)
-        scales = torch.zeros(n_rows, n_adapters, n_layers)
-        uncond_image = torch.zeros(n_rows, n_adapters, n_layers, dtype=torch.bool)
-        embeds_scaling = torch.zeros(n_rows, n_adapters, dtype=torch.long)
-        specs: list[list[ScheduleSpec | None]] = [[None] * n_adapters for _ in rows]
-        positives, negatives, valid, masks = [], [], [], []
-        masked = torch.zeros(n_rows, n_adapters, dtype=torch.bool)
-        family = loaded.family
-        dtype = loaded.dtype
-        for a, alias in enumerate(loaded.adapters):
-            inputs = [next((x for x in r.adapters if x.alias == alias), None) for r in rows]
+        positive and negative embeddings, on the device in the denoiser's dtype.
+
+        An adapter listed several times in a row (ComfyUI's regional conditioning: one application per
+        entry) gets one state slot per application, its images side by side on the adapter's image axis,
+        so the projections still run once per adapter and each application attends its own slice."""
+        family, dtype = loaded.family, loaded.dtype
+        applications = [[[x for x in r.adapters if x.alias == alias] for r in rows] for alias in loaded.adapters]
+        counts = [max([len(entries) for entries in per_row] + [1]) for per_row in applications]
+        repeated = max(counts + [1]) > 1
+        if repeated and not isinstance(family, UNetFamily):
+            raise ValueError(f"an adapter listed twice in a row needs a UNet model (SD1.5 / SDXL), not {family.name}")
+        if any(n > 1 and loaded.facts[a].needs_face for a, n in enumerate(counts)):
+            raise ValueError("a FaceID adapter is applied once per row: list all its images in one entry")
+        slots: list[tuple[int, list[AdapterInput | None]]] = []
+        for a, per_row in enumerate(applications):
+            for g in range(counts[a]):
+                slots.append((a, [entries[g] if g < len(entries) else None for entries in per_row]))
+        n_rows, n_slots, n_layers = len(rows), len(slots), len(loaded.layer_names)
+        scales = torch.zeros(n_rows, n_slots, n_layers)
+        uncond_image = torch.zeros(n_rows, n_slots, n_layers, dtype=torch.bool)
+        embeds_scaling = torch.zeros(n_rows, n_slots, dtype=torch.long)
+        specs: list[list[ScheduleSpec | None]] = [[None] * n_slots for _ in rows]
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in loaded.adapters]
+        valid, masks, sources = [], [], []
+        masked = torch.zeros(n_rows, n_slots, dtype=torch.bool)
+        for s, (a, inputs) in enumerate(slots):
             used = [x for x in inputs if x is not None]
-            item_shape = used[0].embeds.shape[1:] if used else _empty_shape(loaded.facts[a])
+            shaped = [x for per_row in applications[a] for x in per_row]
+            item_shape = shaped[0].embeds.shape[1:] if shaped else _empty_shape(loaded.facts[a])
             n_max = max([x.embeds.shape[0] for x in used] or [1])
             pos = torch.zeros((n_rows, n_max, *item_shape))
             neg = torch.zeros_like(pos)
@@ -234,27 +250,30 @@ class Generator:
                     continue
                 n = x.embeds.shape[0]
                 pos[b, :n], neg[b, :n], ok[b, :n] = x.embeds, x.negative, True
-                specs[b][a] = x.schedule
+                specs[b][s] = x.schedule
                 values, swapped = layer_scales(family, x.schedule, pipe, loaded.layer_names)
-                scales[b, a], uncond_image[b, a] = torch.as_tensor(values), torch.as_tensor(swapped)
-                embeds_scaling[b, a] = attention.EMBEDS_SCALING.index(x.embeds_scaling)
+                scales[b, s], uncond_image[b, s] = torch.as_tensor(values), torch.as_tensor(swapped)
+                embeds_scaling[b, s] = attention.EMBEDS_SCALING.index(x.embeds_scaling)
                 if x.masks is not None and region is not None:
                     if not x.unfold:  # unfold: one mask per frame, placed by tasks.spread_over_frames
                         region[b, :n] = x.masks
-                    masked[b, a] = True
-            positives.append(pos.to(self.device, dtype))
-            negatives.append(neg.to(self.device, dtype))
+                    masked[b, s] = True
+            start = sum(p.shape[1] for p, _ in parts[a])
+            sources.append((a, start, start + n_max))
+            parts[a].append((pos, neg))
             valid.append(ok)
             masks.append(region)
+        positives = [torch.cat([p for p, _ in pairs], 1).to(self.device, dtype) for pairs in parts]
+        negatives = [torch.cat([n for _, n in pairs], 1).to(self.device, dtype) for pairs in parts]
 
         def resolve_steps(num_steps: int) -> torch.Tensor:
-            out = torch.zeros(n_rows, n_adapters, num_steps)
+            out = torch.zeros(n_rows, n_slots, num_steps)
             by_sigma = any(s is not None and s.by_sigma for row_specs in specs for s in row_specs)
             noise = noise_levels(pipe) if by_sigma else None
             for b in range(n_rows):
-                for a in range(n_adapters):
-                    if specs[b][a] is not None:
-                        out[b, a] = torch.as_tensor(step_profile(specs[b][a], num_steps, noise))
+                for s in range(n_slots):
+                    if specs[b][s] is not None:
+                        out[b, s] = torch.as_tensor(step_profile(specs[b][s], num_steps, noise))
             return out
 
         state = attention.IPBatchState(
@@ -264,6 +283,7 @@ class Generator:
             token_valid=valid,
             masks=masks,
             masked=masked,
+            sources=sources if repeated else None,  # None: one slot per adapter, the path without repeats
             cache_kv=self.cache_kv,
             general=loaded.compiled,
             device=self.device,
@@ -276,7 +296,7 @@ class Generator:
         """Hash of each adapter's effective [layers, steps] schedule, for provenance."""
         steps = pipe.num_timesteps
         noise = noise_levels(pipe) if any(x.schedule.by_sigma for x in row.adapters) else None
-        hashes = {}
+        hashes: dict[str, str] = {}
         for x in row.adapters:
             if x.alias not in loaded.adapters:
                 continue
@@ -284,7 +304,7 @@ class Generator:
             swapped = layer_scales(loaded.family, x.schedule, pipe, loaded.layer_names)[1]
             if swapped.any():  # precise weight types: which layers carry the image on the unconditional side
                 array = np.concatenate([array, swapped[:, None].astype(np.float64)], axis=1)
-            hashes[x.alias] = schedule_hash(array)
+            hashes[records.application_key(x.alias, hashes)] = schedule_hash(array)
         return hashes
 
 
@@ -316,8 +336,8 @@ def _base(spec: ModelSpec) -> tuple:
 
 def _empty_shape(facts: AdapterFacts) -> tuple[int, ...]:
     """Input shape of one zero image for an adapter no row of the batch uses."""
-    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image
-        return (facts.face_dim,)
+    if facts.needs_face:  # FaceID and FaceID-Plus: one ID embedding per image (portrait-unnorm: a 1-token sequence)
+        return (1, facts.face_dim) if facts.raw_face else (facts.face_dim,)
     return (1, facts.image_dim) if facts.needs_hidden_states else (facts.image_dim,)
 
 

@@ -174,6 +174,8 @@ def plan_row(
             raise PlanError(f"{where}.scale: {exc}") from None
         needs_hidden = facts[ref.adapter].needs_hidden_states and not facts[ref.adapter].needs_face
         field_name = "hidden_states" if needs_hidden else "image_embeds"
+        if facts[ref.adapter].raw_face:  # portrait-unnorm: ComfyUI feeds the unnormalised face embedding
+            field_name = "face_embedding"
         adapters.append(
             AdapterPlan(
                 alias=ref.adapter,
@@ -356,8 +358,12 @@ def prepare(plan: RowPlan, store: EmbeddingStore | None, max_pixels: int = 64_00
             embeds = embeds * torch.tensor(a.image_weights, dtype=embeds.dtype).view(-1, *[1] * (embeds.ndim - 1))
         given = torch.stack(store.get(a.negative_keys, field=a.field)) if a.negative_keys else None
         unfold = bool((a.frames or {}).get("unfold"))
+        if a.field == "face_embedding":  # portrait-unnorm's Resampler reads it as a one-token sequence
+            embeds, given = embeds[:, None], given[:, None] if given is not None else None
         combined = embeds if unfold else conditioning.combine(embeds, a.combine)  # unfold: one image per frame
-        negative = conditioning.negatives(store.uncond(a.encoder, a.field), combined.shape[0], given, a.combine)
+        # the raw face embedding's negative is zeros, as in ComfyUI (and diffusers' zeros_like for faces)
+        uncond = torch.zeros_like(embeds[0]) if a.field == "face_embedding" else store.uncond(a.encoder, a.field)
+        negative = conditioning.negatives(uncond, combined.shape[0], given, a.combine)
         masks = None
         if a.tiles:  # each tile attended alone on its region of the prepared image, stretched to the output
             inside = None

@@ -155,13 +155,13 @@ def _check_encoder(alias: str, spec: AdapterSpec, facts: AdapterFacts, flow: Flo
     path = f"adapters.{alias}"
     enc: EncoderSpec | None = flow.encoders.get(spec.encoder) if spec.encoder else None
     if facts.needs_face and (enc is None or enc.type != "insightface"):
-        plus = " (and clip_encoder to the clip one)" if facts.kind != "faceid" else ""
+        plus = " (and clip_encoder to the clip one)" if facts.kind == "faceid_plus" else ""
         return [
             f"{path}: {spec.weight_name} is a FaceID checkpoint; it needs face embeddings: set encoder "
             f"to an insightface encoder alias{plus}"
         ]
     if enc is None:
-        if facts.kind != "faceid":
+        if not facts.needs_face:
             return [f"{path}: no encoder set; {spec.weight_name} needs a clip encoder (add `encoder: <alias>`)"]
         return []
     if enc.type == "insightface":

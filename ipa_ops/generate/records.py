@@ -125,8 +125,21 @@ def with_schedule_hashes(record: dict[str, Any], hashes: dict[str, str]) -> dict
     """The record with each adapter's effective [layers x steps] schedule hash, as the generator computed it."""
     if not record:
         return record
-    adapters = [{**a, "schedule_hash": hashes.get(a["alias"], a.get("schedule_hash"))} for a in record["adapters"]]
+    seen: dict[str, str] = {}
+    adapters = []
+    for a in record["adapters"]:
+        key = application_key(a["alias"], seen)
+        seen[key] = ""
+        adapters.append({**a, "schedule_hash": hashes.get(key, a.get("schedule_hash"))})
     return {**record, "adapters": adapters}
+
+
+def application_key(alias: str, taken: dict[str, str]) -> str:
+    """The schedule-hash key of an adapter entry: its alias, then `alias#2`, `alias#3` for the entries that
+    apply the same adapter again in one row (in the row's order)."""
+    if alias not in taken:
+        return alias
+    return next(f"{alias}#{n}" for n in range(2, len(taken) + 3) if f"{alias}#{n}" not in taken)
 
 
 def with_run(record: dict[str, Any], hashes: dict[str, str], batch: dict[str, Any] | None) -> dict[str, Any]:

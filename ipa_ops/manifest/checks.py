@@ -224,10 +224,11 @@ def _adapter_checks(
     if isinstance(alias, str):
         if alias not in ctx.flow.adapters:
             yield f"{at}.adapter", _unknown("adapter", alias, ctx.flow.adapters)
-        elif alias in used:
-            yield f"{at}.adapter", f"{alias!r} is already used by adapters[{used[alias]}]; list all its images there"
+        elif alias in used and _is_faceid(ctx.flow, alias):
+            once = "a FaceID adapter is applied once per row: list all its images there"
+            yield f"{at}.adapter", f"{alias!r} is already used by adapters[{used[alias]}]; {once}"
         else:
-            used[alias] = i
+            used.setdefault(alias, i)  # other adapters may repeat: each entry is one application (regional)
             if entry.get("face") and not _uses_faces(ctx.flow, alias, entry.get("face")):
                 yield (
                     f"{at}.face",

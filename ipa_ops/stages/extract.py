@@ -160,7 +160,9 @@ class EncodeActor:
             from ipa_ops.store.encoders.face import FaceEncoder
 
             pack = face_pack_dir(self.spec, self.mirror)
-            self._encoder = FaceEncoder(pack, self.spec.det_size, self.spec.face, gpu=self.gpu)
+            self._encoder = FaceEncoder(
+                pack, self.spec.det_size, self.spec.face, gpu=self.gpu, crop_size=self.spec.face_crop_size
+            )
         return self._encoder
 
     def __call__(self, batch: pa.Table) -> pa.Table:

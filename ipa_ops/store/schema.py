@@ -21,7 +21,7 @@ lists, so pandas, pyarrow and duckdb read them without this package):
 | bbox / kps | fixed_size_list<float32, 4 / 10> | face box x1,y1,x2,y2 / five landmarks x,y flattened |
 | det_score, num_faces, face_index, det_size | float32, int32, int32, int32 | detection facts of the chosen face |
 | det_sizes_tried | list<int32> | detection sizes tried, in order |
-| crop_png, crop_sha256 | binary, string | aligned 224 px face crop (insightface `norm_crop`) and its sha256 |
+| crop_png, crop_sha256 | binary, string | aligned face crop (`norm_crop`, `face_crop_size` px: 224 default), sha256 |
 
 hidden_states keep the precision they were computed in (fp16 on GPU, fp32 on CPU); a folder
 keeps the type of its first part. The CLIP embedding of a face crop is an ordinary `clip` row

@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 4  # bump whenever any builder's output changes
+ZOO_VERSION = 5  # bump whenever any builder's output changes
 
 
 @dataclass(frozen=True)

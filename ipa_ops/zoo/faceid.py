@@ -7,6 +7,8 @@ and the zoo writes them with the same names and key layouts, read by diffusers'
 * ``ip-adapter-faceid_sd15`` / ``_sdxl`` — ``MLPProjModel``: ``proj.0`` (512 -> 1024), ``proj.2``
   (1024 -> 4 x cross) and ``norm`` (``IPAdapterFaceIDImageProjection``);
 * ``ip-adapter-faceid-portrait_sd15`` — the same with 16 tokens per face and no LoRA;
+* ``ip-adapter-faceid-portrait_sdxl_unnorm`` — a Plus ``Resampler`` over the *raw* (unnormalised)
+  face embedding as a one-token sequence, 16 tokens, no LoRA (ComfyUI's "portrait unnorm", SDXL only);
 * ``ip-adapter-faceid-plus_sd15`` / ``-plusv2_sd15`` — ``ProjPlusModel``: the ID projection plus
   a ``perceiver_resampler`` over CLIP hidden states of the aligned face crop
   (``IPAdapterFaceIDPlusImageProjection``); v1 and v2 differ only in how they are used (``shortcut``).
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from .common import save_torch, torch_dtype
-from .ip_adapters import _Init, _unet_config, block_width, flat_shapes
+from .ip_adapters import _Init, _unet_config, block_width, flat_shapes, image_proj_resampler
 from .sd import unet_from_config
 from .sizes import ZooSizes
 
@@ -62,7 +64,7 @@ class FaceIDSpec:
 
     stem: str
     family: str  # "sd15" | "sdxl"
-    kind: str  # "faceid" | "plus"
+    kind: str  # "faceid" | "plus" | "unnorm"
     tokens: int = 4
     lora: bool = True
 
@@ -73,6 +75,7 @@ FACEID: tuple[FaceIDSpec, ...] = (
     FaceIDSpec("ip-adapter-faceid-plus_sd15", "sd15", "plus"),
     FaceIDSpec("ip-adapter-faceid-plusv2_sd15", "sd15", "plus"),
     FaceIDSpec("ip-adapter-faceid-portrait_sd15", "sd15", "faceid", tokens=16, lora=False),
+    FaceIDSpec("ip-adapter-faceid-portrait_sdxl_unnorm", "sdxl", "unnorm", tokens=16, lora=False),
 )
 
 
@@ -152,6 +155,8 @@ def faceid_state_dict(
     cross = _unet_config(sizes, spec.family)["cross_attention_dim"]
     if spec.kind == "plus":
         proj = image_proj_faceid_plus(init, sizes, cross)
+    elif spec.kind == "unnorm":
+        proj = image_proj_resampler(init, sizes.plus_sdxl, sizes.face_id_dim, cross)
     else:
         proj = image_proj_faceid(init, sizes.face_id_dim, cross, spec.tokens)
     return {"image_proj": proj, "ip_adapter": ip_layers(init, slots, sizes.faceid_lora_rank if spec.lora else None)}

@@ -20,7 +20,7 @@ import torch
 
 from ipa_ops.generate import attention
 from ipa_ops.generate.attention import IPBatchState
-from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.checkpoints import UNNORM_MARKER, AdapterFacts
 from ipa_ops.generate.families.base import ClassifierFreeGuidance
 
 
@@ -53,6 +53,8 @@ def h94_adapter_facts(shapes: dict[str, tuple[int, ...]]) -> AdapterFacts | None
     if not ks or not proj or "0.norm_ip.linear.weight" in ip:  # norm_ip: InstantX's SD3.5 layout, not h94's
         return None
     cross = ks[0][1]
+    if UNNORM_MARKER in shapes and "latents" in proj:  # a Resampler over the raw face embedding
+        return AdapterFacts("portrait_unnorm", cross, len(ks), 0, proj["proj_in.weight"][1], proj["latents"][1])
     if any(k.endswith("to_q_lora.down.weight") for k in ip):
         return replace(_classify(proj, cross, len(ks)), lora=True)
     return _classify(proj, cross, len(ks))

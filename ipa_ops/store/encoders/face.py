@@ -55,7 +55,10 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 class FaceEncoder:
     """`FaceAnalysis` (detection + recognition only) over RGB images; one result dict per image."""
 
-    def __init__(self, pack_dir: str | Path, det_size: int = 640, face: str = "largest", gpu: bool = False):
+    def __init__(
+        self, pack_dir: str | Path, det_size: int = 640, face: str = "largest", gpu: bool = False,
+        crop_size: int = FACE_CROP_SIZE,
+    ):  # fmt: skip
         from insightface.app import FaceAnalysis
 
         self.providers = providers(gpu)
@@ -68,6 +71,7 @@ class FaceEncoder:
         if face not in ("largest", "best_score"):
             choose_face([], face)  # raises now, not on the first image, for a rule that is not an index
         self._prepared: int | None = None
+        self.crop_size = crop_size  # aligned crop side: 224 (diffusers), 256 (ComfyUI's SDXL FaceID)
 
     def _detect(self, bgr: np.ndarray, size: int) -> list[Any]:
         if self._prepared != size:
@@ -98,7 +102,7 @@ class FaceEncoder:
                 **_tried(tried),
             }
         face = faces[index]
-        crop = norm_crop(rgb, landmark=face.kps, image_size=FACE_CROP_SIZE)
+        crop = norm_crop(rgb, landmark=face.kps, image_size=self.crop_size)
         png = png_bytes(crop)
         return {
             "status": "ok",

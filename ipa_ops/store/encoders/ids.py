@@ -179,7 +179,7 @@ def encoder_id(alias: str, spec: EncoderSpec, mirror: str | None) -> str:
             "weights": fingerprint(pack),
             "det_sizes": det_sizes(spec.det_size),
             "face": spec.face,
-            "crop_size": FACE_CROP_SIZE,
+            "crop_size": spec.face_crop_size,
         }
     facts["algorithm"] = ALGORITHM
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
