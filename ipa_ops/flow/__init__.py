@@ -1,4 +1,5 @@
-"""The flow: the YAML format (spec.py; the `models:` sections in models.py), where model sources
+"""The flow: the YAML format (spec.py; the `models:` sections in models.py, the
+`stages:` sections in stage_specs.py and score_spec.py, reference preparation in prep.py), where model sources
 resolve (sources.py, the mirror), the scale-schedule format (schedules.py) and which encoders feed
 which adapter (face_encoders.py).
 

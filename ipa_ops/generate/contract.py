@@ -29,7 +29,7 @@ class AdapterInput:
     clip_embeds: torch.Tensor | None = None  # FaceID-Plus: [n, T, H] CLIP hidden states of the face crops
     clip_negative: torch.Tensor | None = None  # FaceID-Plus: their unconditional side, same shape
     shortcut_scale: float | None = None  # FaceID-Plus v2: this row's shortcut scale (None: the flow's)
-    embeds_scaling: str = "V only"  # ComfyUI's embeds scaling (attention.EMBEDS_SCALING)
+    embeds_scaling: str = "V only"  # ComfyUI's embeds scaling (ip_state.EMBEDS_SCALING)
     unfold: bool = False  # video: image i (negative i, mask i) conditions frame i, the last repeated (frames.py)
     frame_weights: torch.Tensor | None = None  # video: [num_frames] weights multiplying the scale per frame
     frame_slots: torch.Tensor | None = None  # video, unfold: [num_frames] which image each frame takes (else i)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.ip_state import IPBatchState
 
 
 class FluxBatchedIPProcessor(torch.nn.Module):

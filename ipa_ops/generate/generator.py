@@ -22,7 +22,7 @@ from ipa_ops.flow.models import ModelSpec
 from ipa_ops.flow.schedules import NoiseLevels, ScheduleSpec, schedule_hash, step_profile
 from ipa_ops.flow.sources import resolve
 from ipa_ops.flow.spec import AdapterSpec, Flow
-from ipa_ops.generate import attention, faceid, loras, memory, records, tasks
+from ipa_ops.generate import faceid, ip_state, loras, memory, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts, checkpoint_shapes
 from ipa_ops.generate.contract import AdapterInput, RowOutput, RowRequest
 from ipa_ops.generate.families import family_of
@@ -191,7 +191,7 @@ class Generator:
             state, positives, negatives = self._ip_state(loaded, pipe, rows)
             tasks.spread_over_frames(state, rows, loaded.adapters)
             kwargs.update(family.ip_call(pipe, positives, negatives, do_cfg))
-            kwargs.update(callback_on_step_end=attention.StepCounter(state))
+            kwargs.update(callback_on_step_end=ip_state.StepCounter(state))
         family.bind_attention(pipe, state)
         faceid.bind(loaded.faces, loaded.adapters, rows, do_cfg, self.device)  # FaceID LoRAs, per-row clip_embeds
         try:
@@ -206,7 +206,7 @@ class Generator:
 
     def _ip_state(
         self, loaded: LoadedModel, pipe: Any, rows: list[RowRequest]
-    ) -> tuple[attention.IPBatchState, list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[ip_state.IPBatchState, list[torch.Tensor], list[torch.Tensor]]:
         """Pad each adapter's images across rows and build the per-sample state; per-adapter [rows, ...]
         positive and negative embeddings, on the device in the denoiser's dtype.
 
@@ -253,7 +253,7 @@ class Generator:
                 specs[b][s] = x.schedule
                 values, swapped = layer_scales(family, x.schedule, pipe, loaded.layer_names)
                 scales[b, s], uncond_image[b, s] = torch.as_tensor(values), torch.as_tensor(swapped)
-                embeds_scaling[b, s] = attention.EMBEDS_SCALING.index(x.embeds_scaling)
+                embeds_scaling[b, s] = ip_state.EMBEDS_SCALING.index(x.embeds_scaling)
                 if x.masks is not None and region is not None:
                     if not x.unfold:  # unfold: one mask per frame, placed by tasks.spread_over_frames
                         region[b, :n] = x.masks
@@ -276,7 +276,7 @@ class Generator:
                         out[b, s] = torch.as_tensor(step_profile(specs[b][s], num_steps, noise))
             return out
 
-        state = attention.IPBatchState(
+        state = ip_state.IPBatchState(
             layer_scales=scales,
             uncond_image=uncond_image,
             embeds_scaling=embeds_scaling,

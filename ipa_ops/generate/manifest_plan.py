@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ipa_ops.flow.sources import fingerprint, resolve
-from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.flow.spec import Flow
+from ipa_ops.flow.stage_specs import GenerateStage
 from ipa_ops.generate import faceid, loras, records, tasks
 from ipa_ops.generate.plan import PlanError, RowPlan, plan_row
 from ipa_ops.generate.plan_cache import PlanCache, context_hash, row_files, row_hash

@@ -17,7 +17,8 @@ import torch
 
 from ipa_ops.flow.face_encoders import face_encoder_alias
 from ipa_ops.flow.schedules import parse_schedule
-from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.flow.spec import Flow
+from ipa_ops.flow.stage_specs import GenerateStage
 from ipa_ops.generate import conditioning, faceid, loras, records, tasks
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.contract import AdapterInput, RowRequest

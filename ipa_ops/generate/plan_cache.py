@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipa_ops.canonical import canonical_json
-from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.flow.spec import Flow
+from ipa_ops.flow.stage_specs import GenerateStage
 from ipa_ops.manifest.rows import STORE_KEY, ManifestRow
 from ipa_ops.outputs.folder import OutputDir
 

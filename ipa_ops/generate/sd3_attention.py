@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ipa_ops.generate.attention import IPBatchState
+from ipa_ops.generate.ip_state import IPBatchState
 
 
 class SD3BatchedIPProcessor(torch.nn.Module):

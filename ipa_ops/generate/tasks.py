@@ -32,8 +32,8 @@ import torch
 from ipa_ops.flow.models import SCHEDULERS, ModelSpec
 from ipa_ops.flow.sources import fingerprint, resolve
 from ipa_ops.flow.spec import Flow
-from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.contract import AdapterInput, RowRequest
+from ipa_ops.generate.ip_state import IPBatchState
 from ipa_ops.generate.loaded import LoadedModel
 from ipa_ops.manifest.frames import frame_slots, per_frame
 

@@ -18,7 +18,8 @@ import pandas as pd
 from pydantic import ValidationError
 
 from ipa_ops.flow.schedules import parse_schedule
-from ipa_ops.flow.spec import Flow, GenerateStage
+from ipa_ops.flow.spec import Flow
+from ipa_ops.flow.stage_specs import GenerateStage
 from ipa_ops.manifest.cells import cell_problem
 from ipa_ops.manifest.frames import FrameOptions, frame_checks
 from ipa_ops.manifest.reading import COLUMN_NAMES, check_columns, coerce_cell, did_you_mean, normalize_adapters

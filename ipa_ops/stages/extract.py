@@ -31,7 +31,8 @@ import ray
 from PIL import Image
 
 from ipa_ops.errors import UserError
-from ipa_ops.flow.spec import EncoderSpec, ExtractStage, Flow
+from ipa_ops.flow.spec import EncoderSpec, Flow
+from ipa_ops.flow.stage_specs import ExtractStage
 from ipa_ops.stages import gpus_per_actor
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
 from ipa_ops.stages.progress import Progress

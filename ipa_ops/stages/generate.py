@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from ipa_ops.flow.spec import Flow, GenerateResources, GenerateStage
+from ipa_ops.flow.spec import Flow
+from ipa_ops.flow.stage_specs import GenerateResources, GenerateStage
 from ipa_ops.generate import payload, records
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_rows, row_error

@@ -19,8 +19,8 @@ import torch
 
 from ipa_ops.flow.schedules import NoiseLevels, ScheduleSpec, step_profile
 from ipa_ops.generate import weight_types
-from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.ip_state import IPBatchState
 
 
 class ModelFamily(Protocol):

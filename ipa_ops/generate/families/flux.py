@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from ipa_ops.generate import flux_attention
-from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
+from ipa_ops.generate.ip_state import IPBatchState
 
 _K = "double_blocks.{}.processor.ip_adapter_double_stream_k_proj.weight"
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from ipa_ops.generate import sd3_attention
-from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import AdapterFacts
 from ipa_ops.generate.families.base import ClassifierFreeGuidance
 from ipa_ops.generate.families.flux import FluxFamily, _NoPresets, block_scales, transformer_task_kwargs
 from ipa_ops.generate.families.sd3_layout import instantx_adapter_facts
+from ipa_ops.generate.ip_state import IPBatchState
 
 
 def transformer_config(folder: Path) -> dict[str, Any]:

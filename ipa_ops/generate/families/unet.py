@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from ipa_ops.generate import attention
-from ipa_ops.generate.attention import IPBatchState
 from ipa_ops.generate.checkpoints import UNNORM_MARKER, AdapterFacts
 from ipa_ops.generate.families.base import ClassifierFreeGuidance
+from ipa_ops.generate.ip_state import IPBatchState
 
 
 def unet_config(folder: Path) -> dict[str, Any]:
