@@ -4,11 +4,13 @@
                                                  [--root DIR]
 
 For each size it synthesises an output folder as `bench_outputs.py` does (1x1 PNGs under
-`images/<k[:2]>/`, full results rows with provenance, compacted), then exports it in each format,
+`images/<k[:2]>/`, here hard links to a few PNG files so that 10^6 image files are cheap to lay
+out; full results rows with provenance, compacted), then exports it in each format,
 each export in a fresh process on its own embedded Ray, and reports that process's (the driver's)
 peak RSS and the export's seconds. Beside it, in the same kind of fresh process, the peak RSS of
 reading the whole results table into pandas (`OutputDir.read_results`): what a driver that held the
-rows whole would need at least, before any image.
+rows whole would need at least, before any image (up to `--whole-max` rows: at 10^6 that alone is
+~2 GB).
 
 Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per export and one
 `whole: rows=<n> read_results_rss_gb=<g>` line per size.
@@ -76,12 +78,15 @@ def _child(kind: str, uri: str, dest: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(n: int, root: Path, formats: list[str]) -> None:
+def bench(n: int, root: Path, formats: list[str], whole_max: int) -> None:
     folder = root / f"out-{n}"
     shutil.rmtree(folder, ignore_errors=True)
-    synthesise(OutputDir(str(folder)), keys_for(n))
-    whole = _child("whole", str(folder), "")
-    print(f"whole: rows={n} read_results_rss_gb={whole['rss_gb']}", flush=True)
+    t0 = time.perf_counter()
+    synthesise(OutputDir(str(folder)), keys_for(n), link=True)
+    print(f"synthesised: rows={n} seconds={time.perf_counter() - t0:.1f}", flush=True)
+    if n <= whole_max:
+        whole = _child("whole", str(folder), "")
+        print(f"whole: rows={n} read_results_rss_gb={whole['rss_gb']}", flush=True)
     for fmt in formats:
         dest = root / f"export-{n}-{fmt}"
         shutil.rmtree(dest, ignore_errors=True)
@@ -119,6 +124,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--formats", nargs="+", default=["webdataset", "parquet", "imagefolder"])
     parser.add_argument("--view-sizes", type=int, nargs="*", default=[], help="row selection alone at these sizes")
+    parser.add_argument("--whole-max", type=int, default=100_000, help="read the whole results only up to this size")
     parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
@@ -131,7 +137,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; root {root}", flush=True)
     try:
         for n in args.sizes:
-            bench(n, root, args.formats)
+            bench(n, root, args.formats, args.whole_max)
         for n in args.view_sizes:
             folder = results_only(n, root)
             found = _child("view", str(folder), "")
