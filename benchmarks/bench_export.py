@@ -18,7 +18,8 @@ Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per 
 `--view-sizes 100000 1000000` measures the row selection alone (the driver's share of an export:
 `results_view(...).select("status = 'ok'")` streamed to the end) on results parts of that many
 rows without images (a 10^4-row compacted part copied with new keys), printing
-`view: rows=<n> seconds=<s> rss_gb=<g> base_rss_gb=<g>` (base: after imports, before reading).
+`view: rows=<n> seconds=<s> rss_gb=<g> base_rss_gb=<g> rss_by_tenth_gb=[...]` (base: after imports,
+before reading; by tenth: the RSS at that moment after each tenth of the rows has streamed out).
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ def measure(kind: str, uri: str, dest: str) -> dict:
         from ipa_ops.outputs.view import results_view
 
         base = peak_rss_gb()
+        rows, along = 0, []  # RSS now (not peak) after each tenth of the rows: flat, or growing?
         with results_view(uri) as view:
-            rows = sum(batch.num_rows for batch in view.select("status = 'ok'"))
+            total = sum(view.part_rows)
+            for batch in view.select("status = 'ok'"):
+                rows += batch.num_rows
+                if rows * 10 // total > len(along):
+                    along.append(round(rss_now_gb(), 3))
         return {
             "rows": rows,
             "seconds": round(time.perf_counter() - t0, 2),
             "rss_gb": round(peak_rss_gb(), 3),
             "base_gb": round(base, 3),
+            "along": along,
         }
     if kind == "whole":
         rows = len(OutputDir(uri).read_results())
@@ -70,6 +77,11 @@ def measure(kind: str, uri: str, dest: str) -> dict:
         rows = run_export(uri, dest, ExportOptions(format=kind))["rows"]  # type: ignore[arg-type]
         ray.shutdown()
     return {"rows": rows, "seconds": round(time.perf_counter() - t0, 2), "rss_gb": round(peak_rss_gb(), 3)}
+
+
+def rss_now_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
 def _child(kind: str, uri: str, dest: str) -> dict:
@@ -142,7 +154,8 @@ def main() -> int:
             folder = results_only(n, root)
             found = _child("view", str(folder), "")
             assert found["rows"] == n, found
-            print(f"view: rows={n} seconds={found['seconds']} rss_gb={found['rss_gb']} base_rss_gb={found['base_gb']}")
+            print(f"view: rows={n} seconds={found['seconds']} rss_gb={found['rss_gb']} base_rss_gb={found['base_gb']} "
+                  f"rss_by_tenth_gb={found['along']}", flush=True)  # fmt: skip
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if not args.root:

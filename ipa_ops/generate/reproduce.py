@@ -33,7 +33,7 @@ from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.records.metadata import read_record
 from ipa_ops.records.schema import RECORD_COLUMNS, from_columns
 from ipa_ops.store.dataset import EmbeddingStore
-from ipa_ops.store.images import sha256_of
+from ipa_ops.store.images import ImageError, sha256_of
 
 _SECTIONS = ("models", "controlnets", "motion_adapters", "adapters", "encoders", "loras")
 _ROW_COLUMNS = ["id", "row_key", "status", "finished_at", "outputs", "prompt", "seed", "model_fingerprint"]
@@ -190,8 +190,15 @@ def check_inputs(record: dict[str, Any]) -> None:
             continue
         try:
             actual = sha256_of(image["uri"])
-        except OSError as exc:
-            raise ReproduceError(f"row {record.get('id')}: {what}: {image['uri']} cannot be read ({exc})") from None
+        except (OSError, ValueError) as exc:  # ImageError: a ValueError naming the file
+            reason = exc.reason if isinstance(exc, ImageError) else str(exc)
+            relative = "://" not in image["uri"] and not Path(image["uri"]).is_absolute()
+            hint = (
+                "; it is a relative path (records written before ipa recorded absolute ones): run "
+                "`ipa reproduce` from the folder the run was started in" if relative else ""
+            )
+            said = f"row {record.get('id')}: {what}: {image['uri']} cannot be read ({reason}){hint}"
+            raise ReproduceError(said) from None
         if actual != image["sha256"]:
             raise ReproduceError(
                 f"row {record.get('id')}: {what}: {image['uri']} changed since the row was made (sha256 {actual[:12]}, "
