@@ -37,7 +37,8 @@ from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.outputs.latest_index import ENTRY, Winners, latest_attempts
 
 PART, ROW = "_ipa_part", "_ipa_row"  # where a row was written: part index (name order), row in the part
-READ_BATCH = 8192
+READ_BATCH = 2048  # full rows (~2 kB each) a batch: a fourth of 8192 lowers the stream's steady memory by ~0.08 GB
+INDEX_BATCH = 32768  # rows a batch in the index pass, which reads two narrow columns
 STREAM_BUFFER = 1 << 20  # read column chunks in 1 MiB pieces: a big row group (a compacted part) never whole
 _NO_TIME = -(2**62)  # a missing finished_at sorts before every time, as in `folder.latest`
 Extra = pa.Table | pa.RecordBatchReader
@@ -146,7 +147,7 @@ class ResultsView:
     def _entries(self) -> Iterator[np.ndarray]:
         """One index entry (key digest, time, part, row) per row with a key, batch by batch."""
         narrow = pa.schema([self.schema.field(n) for n in ("row_key", "finished_at", PART, ROW)])
-        for batch in self._batches(narrow):
+        for batch in self._batches(narrow, INDEX_BATCH):
             keys = batch.column("row_key")
             valid = pc.fill_null(pc.greater(pc.utf8_length(keys), 0), False).to_numpy(zero_copy_only=False)
             entries = np.empty(int(valid.sum()), ENTRY)
@@ -162,7 +163,7 @@ class ResultsView:
             entries["row"] = batch.column(ROW).to_numpy()[valid]
             yield entries
 
-    def _batches(self, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+    def _batches(self, schema: pa.Schema | None = None, rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """Every part's rows in `schema` (default: all columns), batch by batch, in part order."""
         schema = schema or self.schema
         columns = [n for n in schema.names if n not in (PART, ROW)]
@@ -172,7 +173,7 @@ class ResultsView:
                 with self.out.fs.open(path, "rb") as f:
                     wanted = [c for c in columns if c in part_schema.names]
                     parquet = pq.ParquetFile(f, buffer_size=STREAM_BUFFER, pre_buffer=False)
-                    for batch in parquet.iter_batches(batch_size=READ_BATCH, columns=wanted):
+                    for batch in parquet.iter_batches(batch_size=rows or READ_BATCH, columns=wanted):
                         yield _conform(batch, schema, index, row)
                         row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
