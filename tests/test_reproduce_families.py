@@ -1,10 +1,12 @@
 """`ipa reproduce` beyond SD1.5 with CLIP adapters: SDXL rows, FaceID rows (FaceID, FaceID-Plus v2),
-rows with a flow LoRA, and inputs given as paths relative to the run's working folder.
+rows with a flow LoRA, ComfyUI controls (image weights, embeds scaling), and inputs given as paths
+relative to the run's working folder.
 
 Two runs over the store test_sdxl / test_faceid share (faces_ws): SDXL (text2img, img2img with an
 adapter mask, FaceID-SDXL) and SD1.5 with the LCM LoRA (a CLIP adapter, FaceID, FaceID-Plus v2 with
-its shortcut scale). The runs start in their own folder with relative input paths; every row is then
-remade from another folder, from its results row and from its image alone, bit-identically.
+its shortcut scale, a CLIP adapter with ComfyUI controls). The runs start in their own folder with
+relative input paths; every row is then remade from another folder, from its results row and from
+its image alone, bit-identically.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import faces_ws
 import numpy as np
+import pandas as pd
 import pytest
 from faces_ws import FACEID, H94, REPO
 from PIL import Image
@@ -63,11 +66,13 @@ def _rows(ws: faces_ws.Workspace) -> tuple[list[dict[str, Any]], list[dict[str, 
         {"id": "lora-faceid", "prompt": "faceid with a lora", "seed": 22, "adapters": _entry("faceid", faces[:1], 0.6)},
         {"id": "lora-plusv2", "prompt": "plus v2 with a lora", "seed": 23,
          "adapters": _entry("plusv2", faces[1:2], 0.7, face={"shortcut_scale": 0.6})},
+        {"id": "lora-comfy", "prompt": "comfyui controls", "seed": 24,  # image weights, K+V embeds scaling
+         "adapters": _entry("style15", refs[:2], 0.8, image_weights=[1.0, 0.4], embeds_scaling="K+V")},
     ]  # fmt: skip
     return xl, lora
 
 
-ROW_IDS = ["xl-t2i", "xl-i2i", "xl-faceid", "lora-style", "lora-faceid", "lora-plusv2"]
+ROW_IDS = ["xl-t2i", "xl-i2i", "xl-faceid", "lora-style", "lora-faceid", "lora-plusv2", "lora-comfy"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +113,9 @@ def test_records_of_sdxl_faceid_and_lora_rows(runs: dict[str, Any]) -> None:
         assert (lora["alias"], lora["weight"]) == ("lcm", 0.7) and lora["fingerprint"]
     face = rows["lora-plusv2"]["adapters"][0]["face"]
     assert face["shortcut_scale"] == 0.6 and face["clip_keys"] and face["clip_encoder"]
+    controls = json.loads(rows["lora-comfy"]["adapter_controls"])
+    assert controls == [{"image_weights": [1.0, 0.4], "embeds_scaling": "K+V"}]
+    assert rows["lora-style"]["adapter_controls"] is None and pd.isna(rows["lora-style"]["true_cfg_scale"])
     assert json.loads(rows["xl-faceid"]["sources"])["adapters"]["faceid-xl"]["weight_name"].endswith("sdxl.bin")
 
 

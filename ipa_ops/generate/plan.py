@@ -264,6 +264,8 @@ def _adapter_record(plan: AdapterPlan, images: list[str], negatives: list[str], 
         "scale": plan.scale,
         "schedule_hash": None,
         "face": plan.face,
+        "image_weights": plan.image_weights,
+        "embeds_scaling": plan.embeds_scaling,
     }
 
 

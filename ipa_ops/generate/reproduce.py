@@ -123,7 +123,7 @@ def plan_of(record: dict[str, Any]) -> RowPlan:
     request.update(guidance_scale=record["guidance_scale"], scheduler=(record.get("scheduler") or {}).get("name"))
     if record.get("strength") is not None:
         request["strength"] = record["strength"]
-    for name in ("controlnet_scale", "num_frames"):
+    for name in ("controlnet_scale", "num_frames", "true_cfg_scale"):
         if record.get(name) is not None:
             request[name] = record[name]
     adapters = [
@@ -139,6 +139,8 @@ def plan_of(record: dict[str, Any]) -> RowPlan:
             mask_fit=a.get("mask_fit"),
             soft_masks=bool(a.get("soft_masks")),
             face=a.get("face"),
+            image_weights=a.get("image_weights"),
+            embeds_scaling=a.get("embeds_scaling"),
         )
         for a in record.get("adapters") or []
     ]

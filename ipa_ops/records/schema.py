@@ -75,6 +75,12 @@ RECORD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
         "The pipeline call the row shared (row keys in call order), its torch threads and device: on CPU both "
         "decide the last bit of an image, so `ipa reproduce` remakes the same call.",
     ),
+    "true_cfg_scale": (pa.float64(), "Flux true CFG scale (a second pass with the negative prompt); null when off."),
+    "adapter_controls": (
+        pa.string(),
+        "Per adapter, in `adapters` order, its ComfyUI controls as JSON ({image_weights, embeds_scaling}); null "
+        "when no adapter has any.",
+    ),
     "store": (pa.string(), "Embedding store URI the references were read from."),
     "sources": (pa.string(), "Model sources (the flow's model, adapter, LoRA, encoder sections) and mirror, as JSON."),
 }
@@ -88,7 +94,11 @@ def to_columns(record: Mapping[str, Any]) -> dict[str, Any]:
     if out["scheduler"] is not None:
         out["scheduler"] = {**out["scheduler"], "options": _dump(out["scheduler"].get("options") or {})}
     out["sources"] = None if record.get("sources") is None else _dump(record["sources"])
-    out["adapters"] = [{**a, "scale": _dump(a.get("scale"))} for a in record.get("adapters") or []]
+    adapters = record.get("adapters") or []
+    out["adapters"] = [{k: v for k, v in a.items() if k not in _CONTROLS} | {"scale": _dump(a.get("scale"))}
+                       for a in adapters]  # fmt: skip
+    controls = [{k: a.get(k) for k in _CONTROLS} for a in adapters]
+    out["adapter_controls"] = _dump(controls) if any(v is not None for c in controls for v in c.values()) else None
     return out
 
 
@@ -108,8 +118,18 @@ def from_columns(row: Mapping[str, Any]) -> dict[str, Any]:
     if record["scheduler"] is not None:
         record["scheduler"] = {**record["scheduler"], "options": json.loads(record["scheduler"]["options"] or "{}")}
     record["sources"] = json.loads(record["sources"]) if record.get("sources") else None
-    record["adapters"] = [{**a, "scale": json.loads(a["scale"])} for a in record.get("adapters") or []]
+    controls = json.loads(row.get("adapter_controls") or "[]")
+    adapters = record.get("adapters") or []
+    controls += [{}] * (len(adapters) - len(controls))
+    record["adapters"] = [
+        {**a, "scale": json.loads(a["scale"]), **{k: c.get(k) for k in _CONTROLS}}
+        for a, c in zip(adapters, controls, strict=False)
+    ]
+    record.pop("adapter_controls", None)
     return record
+
+
+_CONTROLS = ("image_weights", "embeds_scaling")  # adapter fields kept in `adapter_controls` (added after version 1)
 
 
 def _dump(value: Any) -> str:
