@@ -115,7 +115,7 @@ def test_records_of_sdxl_faceid_and_lora_rows(runs: dict[str, Any]) -> None:
     assert face["shortcut_scale"] == 0.6 and face["clip_keys"] and face["clip_encoder"]
     controls = json.loads(rows["lora-comfy"]["adapter_controls"])
     assert controls == [{"image_weights": [1.0, 0.4], "embeds_scaling": "K+V"}]
-    assert rows["lora-style"]["adapter_controls"] is None and pd.isna(rows["lora-style"]["true_cfg_scale"])
+    assert pd.isna(rows["lora-style"]["adapter_controls"]) and pd.isna(rows["lora-style"]["true_cfg_scale"])
     assert json.loads(rows["xl-faceid"]["sources"])["adapters"]["faceid-xl"]["weight_name"].endswith("sdxl.bin")
 
 
