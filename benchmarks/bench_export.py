@@ -4,11 +4,13 @@
                                                  [--root DIR]
 
 For each size it synthesises an output folder as `bench_outputs.py` does (1x1 PNGs under
-`images/<k[:2]>/`, full results rows with provenance, compacted), then exports it in each format,
+`images/<k[:2]>/`, here hard links to a few PNG files so that 10^6 image files are cheap to lay
+out; full results rows with provenance, compacted), then exports it in each format,
 each export in a fresh process on its own embedded Ray, and reports that process's (the driver's)
 peak RSS and the export's seconds. Beside it, in the same kind of fresh process, the peak RSS of
 reading the whole results table into pandas (`OutputDir.read_results`): what a driver that held the
-rows whole would need at least, before any image.
+rows whole would need at least, before any image (up to `--whole-max` rows: at 10^6 that alone is
+~2 GB).
 
 Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per export and one
 `whole: rows=<n> read_results_rss_gb=<g>` line per size.
@@ -16,7 +18,8 @@ Prints one `export: rows=<n> format=<f> seconds=<s> driver_rss_gb=<g>` line per 
 `--view-sizes 100000 1000000` measures the row selection alone (the driver's share of an export:
 `results_view(...).select("status = 'ok'")` streamed to the end) on results parts of that many
 rows without images (a 10^4-row compacted part copied with new keys), printing
-`view: rows=<n> seconds=<s> rss_gb=<g> base_rss_gb=<g>` (base: after imports, before reading).
+`view: rows=<n> seconds=<s> rss_gb=<g> base_rss_gb=<g> rss_by_tenth_gb=[...]` (base: after imports,
+before reading; by tenth: the RSS at that moment after each tenth of the rows has streamed out).
 """
 
 from __future__ import annotations
@@ -47,13 +50,19 @@ def measure(kind: str, uri: str, dest: str) -> dict:
         from ipa_ops.outputs.view import results_view
 
         base = peak_rss_gb()
+        rows, along = 0, []  # RSS now (not peak) after each tenth of the rows: flat, or growing?
         with results_view(uri) as view:
-            rows = sum(batch.num_rows for batch in view.select("status = 'ok'"))
+            total = sum(view.part_rows)
+            for batch in view.select("status = 'ok'"):
+                rows += batch.num_rows
+                if rows * 10 // total > len(along):
+                    along.append(round(rss_now_gb(), 3))
         return {
             "rows": rows,
             "seconds": round(time.perf_counter() - t0, 2),
             "rss_gb": round(peak_rss_gb(), 3),
             "base_gb": round(base, 3),
+            "along": along,
         }
     if kind == "whole":
         rows = len(OutputDir(uri).read_results())
@@ -70,18 +79,26 @@ def measure(kind: str, uri: str, dest: str) -> dict:
     return {"rows": rows, "seconds": round(time.perf_counter() - t0, 2), "rss_gb": round(peak_rss_gb(), 3)}
 
 
+def rss_now_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
 def _child(kind: str, uri: str, dest: str) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, "--uri", uri, "--dest", dest]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(n: int, root: Path, formats: list[str]) -> None:
+def bench(n: int, root: Path, formats: list[str], whole_max: int) -> None:
     folder = root / f"out-{n}"
     shutil.rmtree(folder, ignore_errors=True)
-    synthesise(OutputDir(str(folder)), keys_for(n))
-    whole = _child("whole", str(folder), "")
-    print(f"whole: rows={n} read_results_rss_gb={whole['rss_gb']}", flush=True)
+    t0 = time.perf_counter()
+    synthesise(OutputDir(str(folder)), keys_for(n), link=True)
+    print(f"synthesised: rows={n} seconds={time.perf_counter() - t0:.1f}", flush=True)
+    if n <= whole_max:
+        whole = _child("whole", str(folder), "")
+        print(f"whole: rows={n} read_results_rss_gb={whole['rss_gb']}", flush=True)
     for fmt in formats:
         dest = root / f"export-{n}-{fmt}"
         shutil.rmtree(dest, ignore_errors=True)
@@ -119,6 +136,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--formats", nargs="+", default=["webdataset", "parquet", "imagefolder"])
     parser.add_argument("--view-sizes", type=int, nargs="*", default=[], help="row selection alone at these sizes")
+    parser.add_argument("--whole-max", type=int, default=100_000, help="read the whole results only up to this size")
     parser.add_argument("--root", help="where to synthesise (default: a temp folder, removed after)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
@@ -131,12 +149,13 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; root {root}", flush=True)
     try:
         for n in args.sizes:
-            bench(n, root, args.formats)
+            bench(n, root, args.formats, args.whole_max)
         for n in args.view_sizes:
             folder = results_only(n, root)
             found = _child("view", str(folder), "")
             assert found["rows"] == n, found
-            print(f"view: rows={n} seconds={found['seconds']} rss_gb={found['rss_gb']} base_rss_gb={found['base_gb']}")
+            print(f"view: rows={n} seconds={found['seconds']} rss_gb={found['rss_gb']} base_rss_gb={found['base_gb']} "
+                  f"rss_by_tenth_gb={found['along']}", flush=True)  # fmt: skip
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if not args.root:

@@ -26,7 +26,7 @@ from ipa_ops.manifest.frames import FrameOptions, frame_plan
 from ipa_ops.outputs.folder import row_key
 from ipa_ops.store.dataset import EmbeddingStore, content_key
 from ipa_ops.store.encoders import tiles as comfy_tiles
-from ipa_ops.store.images import read_image, sha256_of
+from ipa_ops.store.images import local_or_uri, read_image, sha256_of
 
 _STORE_KEY = re.compile(r"^[0-9a-f]{64}/.+$")
 
@@ -146,22 +146,24 @@ def plan_row(
         encoder = encoder_ids.get(spec.encoder or "")
         if encoder is None:
             raise PlanError(f"{where}.adapter: adapter {ref.adapter!r} has no encoder to read embeddings from")
-        keys = [reference_key(u, encoder) for u in ref.images]
+        images, negatives = _located(ref.images), _located(ref.negative_images or [])
+        keys = [reference_key(u, encoder) for u in images]
         face_alias = spec.encoder if facts[ref.adapter].needs_face else face_encoder_alias(flow, spec)
-        face_keys = [face_key(u, encoder_ids[face_alias]) for u in ref.images] if face_alias else keys
+        face_keys = [face_key(u, encoder_ids[face_alias]) for u in images] if face_alias else keys
         face = faceid.face_refs(where, ref, ref.adapter, facts[ref.adapter], face_keys, face_ctx)
         if face is not None and face.dropped:
             dropped[ref.adapter] = face.dropped
             continue
         keys = face.keys if face is not None else keys
-        images, tiles = list(ref.images), None
+        tiles = None
         if getattr(ref, "tiled", False):
             if face is not None:
                 raise PlanError(f"{where}.tiled: adapter {ref.adapter!r} is fed faces; tiles are for whole images")
             keys, tiles = _tiles(where, ref, spec.encoder or "", flow, encoder)
-            images = [f"{ref.images[0]}#tile-{j}" for j in range(len(keys))]
-        negs = [reference_key(u, encoder) for u in (ref.negative_images or [])]
-        for kind, refs, found in (("images", images, keys), ("negative_images", ref.negative_images or [], negs)):
+            images = [f"{images[0]}#tile-{j}" for j in range(len(keys))]
+        negs = [reference_key(u, encoder) for u in negatives]
+        shown = images if tiles is not None else ref.images  # errors name what the row wrote (or the tile)
+        for kind, refs, found in (("images", shown, keys), ("negative_images", ref.negative_images or [], negs)):
             for j, (uri, key) in enumerate(zip(refs, found, strict=True)):
                 if key not in usable:
                     raise PlanError(
@@ -184,7 +186,7 @@ def plan_row(
                 encoder=encoder,
                 keys=keys,
                 negative_keys=negs,
-                masks=list(ref.masks or []),
+                masks=_located(ref.masks or []),
                 combine=ref.combine or "concat",
                 scale=scale,
                 mask_fit=getattr(ref, "mask_fit", None),
@@ -196,10 +198,10 @@ def plan_row(
                 tiles=tiles,
             )
         )
-        adapter_records.append(_adapter_record(adapters[-1], ref, fingerprints[f"adapter:{ref.adapter}"], images))
-    init = getattr(row, "init_image", None) or None
-    mask = getattr(row, "mask_image", None) or None
-    control = (getattr(row, "control_image", None) or None) if row.task == "controlnet" else None
+        adapter_records.append(_adapter_record(adapters[-1], images, negatives, fingerprints[f"adapter:{ref.adapter}"]))
+    init = _located_one(getattr(row, "init_image", None))
+    mask = _located_one(getattr(row, "mask_image", None))
+    control = _located_one(getattr(row, "control_image", None)) if row.task == "controlnet" else None
     extra = tasks.identity(request, flow, fingerprints, _sha(control) if control else None)
     if flow.loras:
         extra["loras"] = loras.identity(flow, fingerprints)
@@ -246,7 +248,18 @@ def _content_sha(ref: str) -> str:
     return ref.split("/", 1)[0] if _STORE_KEY.match(ref) else _sha(ref)
 
 
-def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str, images: list[str]) -> dict[str, Any]:
+def _located(uris: list[str]) -> list[str]:
+    """Input paths as the run resolves them: relative ones against this process's working folder, made
+    absolute here on the driver, so Ray workers (whatever their folder) and `ipa reproduce` (run from
+    anywhere) read the same files. Store keys and URIs with a protocol stay as given."""
+    return [u if not u or _STORE_KEY.match(u) else local_or_uri(u) for u in uris]
+
+
+def _located_one(uri: str | None) -> str | None:
+    return _located([uri])[0] if uri else None
+
+
+def _adapter_record(plan: AdapterPlan, images: list[str], negatives: list[str], fingerprint: str) -> dict[str, Any]:
     """One adapter's part of the row record: what the manifest named and what was read for it."""
 
     def refs(given: list[str], keys: list[str], tiled: bool = False) -> list[dict[str, Any]]:
@@ -262,7 +275,7 @@ def _adapter_record(plan: AdapterPlan, ref: Any, fingerprint: str, images: list[
         "encoder": plan.encoder,
         "field": plan.field,
         "references": refs(images, plan.keys, tiled=plan.tiles is not None),
-        "negatives": refs(list(ref.negative_images or []), plan.negative_keys),
+        "negatives": refs(negatives, plan.negative_keys),
         "masks": [{"uri": m, "sha256": _sha(m)} for m in plan.masks],
         "combine": plan.combine,
         "mask_fit": plan.mask_fit,

@@ -67,6 +67,7 @@ def row_record(
         "scheduler": {"name": request.get("scheduler"), "class_name": None, "options": {}, "config_hash": None},
         "strength": float(request["strength"]) if task in ("img2img", "inpaint") else None,
         "controlnet_scale": request.get("controlnet_scale"),
+        "true_cfg_scale": request.get("true_cfg_scale"),
         "num_frames": request.get("num_frames"),
         "init_image": images.get("init_image"),
         "mask_image": images.get("mask_image"),

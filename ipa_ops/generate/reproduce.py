@@ -33,7 +33,7 @@ from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.records.metadata import read_record
 from ipa_ops.records.schema import RECORD_COLUMNS, from_columns
 from ipa_ops.store.dataset import EmbeddingStore
-from ipa_ops.store.images import sha256_of
+from ipa_ops.store.images import ImageError, sha256_of
 
 _SECTIONS = ("models", "controlnets", "motion_adapters", "adapters", "encoders", "loras")
 _ROW_COLUMNS = ["id", "row_key", "status", "finished_at", "outputs", "prompt", "seed", "model_fingerprint"]
@@ -123,7 +123,7 @@ def plan_of(record: dict[str, Any]) -> RowPlan:
     request.update(guidance_scale=record["guidance_scale"], scheduler=(record.get("scheduler") or {}).get("name"))
     if record.get("strength") is not None:
         request["strength"] = record["strength"]
-    for name in ("controlnet_scale", "num_frames"):
+    for name in ("controlnet_scale", "num_frames", "true_cfg_scale"):
         if record.get(name) is not None:
             request[name] = record[name]
     adapters = [
@@ -191,8 +191,15 @@ def check_inputs(record: dict[str, Any]) -> None:
             continue
         try:
             actual = sha256_of(image["uri"])
-        except OSError as exc:
-            raise ReproduceError(f"row {record.get('id')}: {what}: {image['uri']} cannot be read ({exc})") from None
+        except (OSError, ValueError) as exc:  # ImageError: a ValueError naming the file
+            reason = exc.reason if isinstance(exc, ImageError) else str(exc)
+            relative = "://" not in image["uri"] and not Path(image["uri"]).is_absolute()
+            hint = (
+                "; it is a relative path (records written before ipa recorded absolute ones): run "
+                "`ipa reproduce` from the folder the run was started in" if relative else ""
+            )
+            said = f"row {record.get('id')}: {what}: {image['uri']} cannot be read ({reason}){hint}"
+            raise ReproduceError(said) from None
         if actual != image["sha256"]:
             raise ReproduceError(
                 f"row {record.get('id')}: {what}: {image['uri']} changed since the row was made (sha256 {actual[:12]}, "

@@ -130,13 +130,15 @@ def read_part(fs: Any, path: str, columns: list[str] | None = None) -> pa.Table 
     return _read_or_set_aside(fs, path, parse)
 
 
-def read_part_schema(fs: Any, path: str) -> pa.Schema | None:
-    """A part's checked schema (its footer only); None when it was unreadable (and is now in the quarantine)."""
+def read_part_footer(fs: Any, path: str) -> tuple[pa.Schema, int] | None:
+    """A part's checked schema and row count (its footer only); None when it was unreadable (and is now in
+    the quarantine)."""
 
-    def parse(source: Any) -> pa.Schema:
-        schema = pq.read_schema(source)
+    def parse(source: Any) -> tuple[pa.Schema, int]:
+        metadata = pq.read_metadata(source)
+        schema = metadata.schema.to_arrow_schema()
         check_schema(path, schema)
-        return schema
+        return schema, metadata.num_rows
 
     return _read_or_set_aside(fs, path, parse)
 

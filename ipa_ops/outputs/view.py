@@ -8,10 +8,11 @@ there), nested structs and lists stay nested. Extra per-row-key tables (scores, 
 with one call: each has a `row_key` column and at most one row per key; its other columns appear
 beside the results columns and can be filtered on like them.
 
-It is computed in two streamed passes, so the full rows are never held, only an index:
+It is computed in two streamed passes, so neither the rows nor an index of them is held whole:
 1. two columns of every part (`row_key`, `finished_at`) are read and each key's latest attempt
-   (by `finished_at`, then part and row order, as `folder.latest` does) is found with a numpy
-   sort over five numbers a row (a 128-bit digest of the key, time, part, row);
+   (by `finished_at`, then part and row order, as `folder.latest` does) is found out of core:
+   hash buckets of (key digest, time, part, row) spilled to a temporary folder and resolved one
+   at a time into a bitmap of one bit a row (latest_index.py);
 2. the parts are read again batch by batch; each batch keeps its latest rows, gets the extra
    tables joined and `where` applied by DuckDB, and goes out as Arrow, in written order.
 
@@ -22,7 +23,6 @@ filter can only read the view.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,11 +34,12 @@ import pyarrow.parquet as pq
 from ipa_ops.errors import UserError
 from ipa_ops.outputs import results_parts
 from ipa_ops.outputs.folder import OutputDir
+from ipa_ops.outputs.latest_index import ENTRY, Winners, latest_attempts
 
 PART, ROW = "_ipa_part", "_ipa_row"  # where a row was written: part index (name order), row in the part
-READ_BATCH = 8192
+READ_BATCH = 2048  # full rows (~2 kB each) a batch: a fourth of 8192 lowers the stream's steady memory by ~0.08 GB
+INDEX_BATCH = 32768  # rows a batch in the index pass, which reads two narrow columns
 STREAM_BUFFER = 1 << 20  # read column chunks in 1 MiB pieces: a big row group (a compacted part) never whole
-_NONE = np.array([], np.int64)
 _NO_TIME = -(2**62)  # a missing finished_at sorts before every time, as in `folder.latest`
 Extra = pa.Table | pa.RecordBatchReader
 
@@ -54,15 +55,16 @@ class ResultsView:
         import duckdb
 
         self.out = out
-        self.parts = _readable_parts(out)
+        self.parts, self.part_rows = _readable_parts(out)
         self.schema = _unified_schema([s for _, s in self.parts])
+        self.spill_dir = spill_dir
         self.con = duckdb.connect(config={"memory_limit": memory_limit, "threads": 2})
         if spill_dir:
             self.con.execute(f"SET temp_directory = '{_sql_text(spill_dir)}'")
         joins = self._register_extra(extra)
         self.con.execute("SET enable_external_access = false; SET lock_configuration = true")
         self._select = "SELECT b.*" + "".join(c for c, _ in joins) + " FROM batch b" + "".join(j for _, j in joins)
-        self._winners: dict[int, np.ndarray] | None = None
+        self._winners: Winners | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -104,7 +106,8 @@ class ResultsView:
         left = limit
         winners = self._latest()
         for batch in self._batches():
-            keep = _rows_of(winners.get(int(batch.column(PART)[0].as_py()), _NONE), batch)
+            part, first = int(batch.column(PART)[0].as_py()), int(batch.column(ROW)[0].as_py())
+            keep = winners.rows_in(part, first, batch.num_rows)
             if not len(keep):
                 continue
             for out in self._filter(pa.Table.from_batches([batch]).take(keep), where, said).to_batches():
@@ -131,30 +134,36 @@ class ResultsView:
             raise WhereError(f"--where {said!r}: {_first_line(exc)}") from None
         return _source_times(found.drop_columns([PART, ROW]), self.schema)
 
-    def _latest(self) -> dict[int, np.ndarray]:
-        """Per part, the sorted row numbers holding a key's latest attempt (by finished_at, part, row).
+    def _latest(self) -> Winners:
+        """Which rows hold a key's latest attempt (by finished_at, part, row), found once, out of core.
 
-        Computed once from two columns of every part and held as five numbers a row: the key as a
-        128-bit digest (two words; a collision among 10^9 keys has odds ~10^-21), time, part, row.
+        The key goes in as its 128-bit MD5 (DuckDB's, vectorised; a collision among 10^9 keys has odds
+        ~10^-21, and row keys are not chosen by an adversary).
         """
         if self._winners is None:
-            narrow = pa.schema([self.schema.field(n) for n in ("row_key", "finished_at", PART, ROW)])
-            columns: list[list[np.ndarray]] = [[], [], [], [], []]
-            for batch in self._batches(narrow):
-                keys = batch.column("row_key").to_pylist()
-                valid = np.array([bool(k) for k in keys], bool)
-                digests = b"".join(_digest(k) for k in keys if k)
-                words = np.frombuffer(digests, np.uint64).reshape(-1, 2)
-                stamp = batch.column("finished_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-                columns[0].append(words[:, 0])
-                columns[1].append(words[:, 1])
-                columns[2].append(pc.fill_null(stamp, _NO_TIME).to_numpy()[valid])
-                columns[3].append(batch.column(PART).to_numpy()[valid])
-                columns[4].append(batch.column(ROW).to_numpy()[valid])
-            self._winners = _latest_rows(columns, len(self.parts))
+            self._winners = latest_attempts(self._entries(), self.part_rows, self.spill_dir or None)
         return self._winners
 
-    def _batches(self, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+    def _entries(self) -> Iterator[np.ndarray]:
+        """One index entry (key digest, time, part, row) per row with a key, batch by batch."""
+        narrow = pa.schema([self.schema.field(n) for n in ("row_key", "finished_at", PART, ROW)])
+        for batch in self._batches(narrow, INDEX_BATCH):
+            keys = batch.column("row_key")
+            valid = pc.fill_null(pc.greater(pc.utf8_length(keys), 0), False).to_numpy(zero_copy_only=False)
+            entries = np.empty(int(valid.sum()), ENTRY)
+            self.con.register("_ipa_keys", pa.table({"k": keys}))
+            words = self.con.sql("SELECT md5_number_upper(k) AS high, md5_number_lower(k) AS low FROM _ipa_keys")
+            digests = words.to_arrow_table()
+            self.con.unregister("_ipa_keys")
+            for name in ("high", "low"):
+                entries[name] = pc.fill_null(digests.column(name), 0).to_numpy()[valid]
+            stamp = batch.column("finished_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+            entries["time"] = pc.fill_null(stamp, _NO_TIME).to_numpy()[valid]
+            entries["part"] = batch.column(PART).to_numpy()[valid]
+            entries["row"] = batch.column(ROW).to_numpy()[valid]
+            yield entries
+
+    def _batches(self, schema: pa.Schema | None = None, rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """Every part's rows in `schema` (default: all columns), batch by batch, in part order."""
         schema = schema or self.schema
         columns = [n for n in schema.names if n not in (PART, ROW)]
@@ -164,7 +173,7 @@ class ResultsView:
                 with self.out.fs.open(path, "rb") as f:
                     wanted = [c for c in columns if c in part_schema.names]
                     parquet = pq.ParquetFile(f, buffer_size=STREAM_BUFFER, pre_buffer=False)
-                    for batch in parquet.iter_batches(batch_size=READ_BATCH, columns=wanted):
+                    for batch in parquet.iter_batches(batch_size=rows or READ_BATCH, columns=wanted):
                         yield _conform(batch, schema, index, row)
                         row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
@@ -201,17 +210,19 @@ def results_view(out: OutputDir | str, extra: Sequence[Extra] = (), **options: A
     return ResultsView(out if isinstance(out, OutputDir) else OutputDir(out), extra, **options)
 
 
-def _readable_parts(out: OutputDir) -> list[tuple[str, pa.Schema]]:
-    """(path, schema) of every part whose footer reads and whose schema this version accepts."""
-    found = []
+def _readable_parts(out: OutputDir) -> tuple[list[tuple[str, pa.Schema]], list[int]]:
+    """(path, schema) of every part whose footer reads and whose schema this version accepts, and
+    each one's row count."""
+    found, rows = [], []
     for path in results_parts.list_parts(out.fs, out.results_dir()):
         try:
-            schema = results_parts.read_part_schema(out.fs, path)
+            footer = results_parts.read_part_footer(out.fs, path)
         except FileNotFoundError:  # compacted away since the listing: its rows are in the merged part
             continue
-        if schema is not None:  # None: unreadable, now in the quarantine
-            found.append((path, schema))
-    return found
+        if footer is not None:  # None: unreadable, now in the quarantine
+            found.append((path, footer[0]))
+            rows.append(footer[1])
+    return found, rows
 
 
 def _unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
@@ -244,26 +255,6 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, part: int, first_row: int
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _latest_rows(columns: list[list[np.ndarray]], n_parts: int) -> dict[int, np.ndarray]:
-    """The last (time, part, row) of each key (two digest words), as sorted row numbers per part."""
-    if not columns[0]:
-        return {}
-    high, low, time, part, row = (np.concatenate(c) for c in columns)
-    order = np.lexsort((row, part, time, low, high))  # by key, then time, part, row: a key's last attempt last
-    high, low = high[order], low[order]
-    changes = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-    last = order[np.append(changes, True)] if len(order) else order
-    part, row = part[last], row[last]
-    by_place = np.lexsort((row, part))
-    part, row = part[by_place], row[by_place].astype(np.int64)
-    bounds = np.searchsorted(part, np.arange(n_parts + 1))
-    return {i: row[bounds[i] : bounds[i + 1]] for i in range(n_parts)}
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode(), digest_size=16).digest()
-
-
 def _source_times(table: pa.Table, source: pa.Schema) -> pa.Table:
     """Timestamps in the parts' own time zone spelling (DuckDB hands UTC back as `Etc/UTC`)."""
     fields = []
@@ -273,13 +264,6 @@ def _source_times(table: pa.Table, source: pa.Schema) -> pa.Table:
         fields.append(field.with_type(kind) if same_instant and field.type.unit == kind.unit else field)
     schema = pa.schema(fields, metadata=table.schema.metadata)
     return table if schema.equals(table.schema) else table.cast(schema)
-
-
-def _rows_of(winners: np.ndarray, batch: pa.RecordBatch) -> np.ndarray:
-    """Positions in `batch` (rows first..first+n of its part) of the rows in `winners` (sorted)."""
-    first = int(batch.column(ROW)[0].as_py())
-    lo, hi = np.searchsorted(winners, [first, first + batch.num_rows])
-    return winners[lo:hi] - first
 
 
 def _ident(name: str) -> str:

@@ -83,6 +83,7 @@ RECORD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
         "The pipeline call the row shared (row keys in call order), its torch threads and device: on CPU both "
         "decide the last bit of an image, so `ipa reproduce` remakes the same call.",
     ),
+    "true_cfg_scale": (pa.float64(), "Flux true CFG scale (a second pass with the negative prompt); null when off."),
     "store": (pa.string(), "Embedding store URI the references were read from."),
     "sources": (pa.string(), "Model sources (the flow's model, adapter, LoRA, encoder sections) and mirror, as JSON."),
 }

@@ -7,7 +7,8 @@
         ─► shard entries (a few per shard) ─► commit: numbered names, manifest, one rename to DEST
 
 The driver never holds images, and records only one batch at a time (the view streams them into
-the staged files); what grows with the rows is the view's index of each key's latest attempt.
+the staged files); the view's index of each key's latest attempt is resolved out of core, one
+hash bucket at a time (outputs/latest_index.py), leaving one bit a row.
 """
 
 from __future__ import annotations
