@@ -19,7 +19,7 @@ import torch
 import yaml
 from diffusers import FluxPipeline
 from PIL import Image
-from zoo_flows import REPO, run_example_flow, validate_lines
+from zoo_flows import REPO, outputs_and_calls, run_example_flow, validate_lines
 
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
@@ -200,15 +200,9 @@ def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: 
     adapter and five distilled-guidance values, in one call; each equals the row run alone."""
     generator: Generator = ws["generator"]
     rows = [ws["rows"][r["id"]] for r in ROWS]
-    transformer = generator.load("flux").pipe.transformer
-    calls = []
-    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        outs = generator.generate(rows)
-    finally:
-        hook.remove()
+    outs, calls = outputs_and_calls(generator, "flux", rows)
     assert [o.error for o in outs] == [""] * len(rows)
-    assert len(calls) == rows[0].steps  # one transformer call per step for all eight rows
+    assert calls == rows[0].steps  # one transformer call per step for all eight rows
     alone = {row.id: _ours(generator, row) for row in rows}
     for row, out in zip(rows, outs, strict=True):
         assert np.abs(out.image - alone[row.id]).max() < BATCH_TOL, row.id
@@ -252,15 +246,9 @@ def test_img2img_and_inpaint_match_the_guide(ws: dict[str, Any], flux_zoo: Path,
 def test_true_cfg_rows_with_their_own_scales_share_a_call(ws: dict[str, Any]) -> None:
     generator: Generator = ws["generator"]
     rows = [ws["rows"][r["id"]] for r in TRUE_CFG]
-    transformer = generator.load("flux").pipe.transformer
-    calls = []
-    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        outs = generator.generate(rows)
-    finally:
-        hook.remove()
+    outs, calls = outputs_and_calls(generator, "flux", rows)
     assert [o.error for o in outs] == [""] * len(rows)
-    assert len(calls) == 2 * rows[0].steps  # a positive and a negative pass per step, for all three rows
+    assert calls == 2 * rows[0].steps  # a positive and a negative pass per step, for all three rows
     for row, out in zip(rows, outs, strict=True):
         assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
 
@@ -371,18 +359,6 @@ def test_example_flow_validates_and_runs_on_the_zoo(
 
 
 
-def _calls(generator: Generator, rows: list[RowRequest]) -> tuple[list[Any], int]:
-    """The rows' outputs and how many times the transformer ran."""
-    transformer = generator.load("flux").pipe.transformer
-    calls = []
-    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        outs = generator.generate(rows)
-    finally:
-        hook.remove()
-    return outs, len(calls)
-
-
 def test_controlnet_row_matches_the_guide(ws: dict[str, Any], flux_zoo: Path) -> None:
     """`FluxControlNetPipeline.from_pipe(<IP-Adapter pipeline>, controlnet=FluxControlNetModel...)` with the
     reference as `ip_adapter_image` and the control image as `control_image`."""
@@ -405,7 +381,7 @@ def test_controlnet_rows_with_their_own_guidance_share_a_call(ws: dict[str, Any]
     ControlNet gets each row's too), one without the adapter, in one transformer call per step."""
     generator: Generator = ws["generator"]
     rows = [ws["rows"][r["id"]] for r in CONTROL]
-    outs, calls = _calls(generator, rows)
+    outs, calls = outputs_and_calls(generator, "flux", rows)
     assert [o.error for o in outs] == [""] * len(rows)
     assert calls == rows[0].steps
     for row, out in zip(rows, outs, strict=True):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
-from zoo_flows import REPO, run_example_flow, validate_lines
+from zoo_flows import REPO, outputs_and_calls, run_example_flow, validate_lines
 
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
@@ -139,15 +139,9 @@ def test_mixed_batch_equals_each_row_alone_in_one_transformer_call_per_step(ws: 
     row with no adapter, CFG on, in one call per step; each equals the row run alone."""
     generator: Generator = ws["generator"]
     rows = [ws["rows"][r["id"]] for r in ROWS]
-    transformer = generator.load("sd3").pipe.transformer
-    calls = []
-    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        outs = generator.generate(rows)
-    finally:
-        hook.remove()
+    outs, calls = outputs_and_calls(generator, "sd3", rows)
     assert [o.error for o in outs] == [""] * len(rows)
-    assert len(calls) == rows[0].steps  # [negative; positive] of all eight rows in one transformer call
+    assert calls == rows[0].steps  # [negative; positive] of all eight rows in one transformer call
     for row, out in zip(rows, outs, strict=True):
         assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
     by_id = {o.id: o.image for o in outs}
@@ -188,18 +182,6 @@ def test_example_flow_validates_and_runs_on_the_zoo(
 
 
 
-def _calls(generator: Generator, rows: list[RowRequest]) -> tuple[list[Any], int]:
-    """The rows' outputs and how many times the transformer ran."""
-    transformer = generator.load("sd3").pipe.transformer
-    calls = []
-    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        outs = generator.generate(rows)
-    finally:
-        hook.remove()
-    return outs, len(calls)
-
-
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_match_the_guide(ws: dict[str, Any], sd3_zoo: Path, task: str) -> None:
     """diffusers' StableDiffusion3Img2ImgPipeline / StableDiffusion3InpaintPipeline take IP-Adapter embeddings:
@@ -230,9 +212,9 @@ def test_img2img_rows_share_a_call_and_equal_each_row_alone(ws: dict[str, Any]) 
     """Three img2img rows (other init images, references, schedules, one without the adapter) in one call."""
     generator: Generator = ws["generator"]
     rows = [ws["rows"][r] for r in ("img2img", "img2img-other", "img2img-none")]
-    outs, calls = _calls(generator, rows)
+    outs, calls = outputs_and_calls(generator, "sd3", rows)
     assert [o.error for o in outs] == [""] * len(rows)
-    assert calls == _calls(generator, rows[:1])[1] == 3  # as many transformer calls as one row alone
+    assert calls == outputs_and_calls(generator, "sd3", rows[:1])[1] == 3  # as many transformer calls as one row alone
     for row, out in zip(rows, outs, strict=True):
         assert np.abs(out.image - _ours(generator, row)).max() < BATCH_TOL, row.id
 

@@ -66,3 +66,15 @@ def run_example_flow(
     results = OutputDir(str(tmp_path / "out")).read_results()
     manifest = pd.read_csv(REPO / "manifests" / f"{name}.csv")
     assert sorted(results["id"]) == sorted(manifest["id"]) and set(results["status"]) == {"ok"}, results["error"]
+
+
+def outputs_and_calls(generator: Any, model: str, rows: list[Any]) -> tuple[list[Any], int]:
+    """The rows' outputs from one `generate` call, and how many times the model's transformer ran."""
+    transformer = generator.load(model).pipe.transformer
+    calls: list[int] = []
+    hook = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        outs = generator.generate(rows)
+    finally:
+        hook.remove()
+    return outs, len(calls)
