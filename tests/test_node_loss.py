@@ -104,7 +104,8 @@ def test_a_worker_node_killed_mid_run_loses_no_row(
     out = tmp_path / "out"
     sets = [f"ray.address={two_nodes.address}", "stages.generate.resources.actors=2",
             "stages.generate.resources.num_cpus=0.5", "stages.generate.resources.torch_threads=1",
-            "stages.generate.resources.custom_resources={ipa_gen: 1}"]  # fmt: skip
+            "stages.generate.resources.custom_resources={ipa_gen: 1}",
+            "stages.generate.defaults.steps=6"]  # fmt: skip  # slow enough rows: the worker gets some
     command = _command(tmp_path, zoo_dir, *sets)
     proc = subprocess.Popen(command, env=two_nodes.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip

@@ -164,6 +164,8 @@ def test_doctor_names_a_folder_it_does_not_know(tmp_path: Path, capsys: Any) -> 
 class ShortOnce(LocalFileSystem):
     """A filesystem whose first read of each file returns 500 bytes, as a connection cut mid-body would."""
 
+    cachable = False  # a fresh instance per test: fsspec would otherwise hand back one with `short` filled
+
     def __init__(self) -> None:
         super().__init__()
         self.short: set[str] = set()
