@@ -34,21 +34,16 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from ipa_ops.generate.ip_state import IPBatchState
+from ipa_ops.generate.ip_state import IPBatchState, IPLayerProcessor
 
 
-class BatchedIPAttnProcessor(torch.nn.Module):
+class BatchedIPAttnProcessor(IPLayerProcessor):
     """IP-Adapter cross-attention with per-sample tokens, scales and masks (see module doc)."""
 
     def __init__(self, layer: int, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList):
-        super().__init__()
-        self.layer = layer
-        # the same index as a tensor: compiled code reads it as data, so all layers share one graph
-        device = to_k_ip[0].weight.device
-        self.register_buffer("layer_index", torch.tensor([layer], dtype=torch.long, device=device), persistent=False)
+        super().__init__(layer, to_k_ip[0].weight.device)
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
-        self.state: IPBatchState | None = None
 
     def __call__(
         self,

@@ -5,7 +5,7 @@ and the pipeline repeats the given image embeddings once per prompt, so in a bat
 different references every row attends to every row's images. This processor does what the
 stock one does per block (query after its RMS norm and before RoPE, one softmax over an
 adapter's image tokens, output added after the block's feed-forward residual), with everything
-that varies per row read from the shared `IPBatchState` of `attention.py`: the
+that varies per row read from the shared `IPBatchState` of `ip_state.py`: the
 [rows, adapters, layers, steps] scale table, which image slots are real, and the step. IP keys
 and values depend only on the image tokens, so they are projected at the first step of a call
 and reused (`cache_kv`).
@@ -22,20 +22,16 @@ from typing import Any
 
 import torch
 
-from ipa_ops.generate.ip_state import IPBatchState
+from ipa_ops.generate.ip_state import IPBatchState, IPLayerProcessor
 
 
-class FluxBatchedIPProcessor(torch.nn.Module):
+class FluxBatchedIPProcessor(IPLayerProcessor):
     """Flux double-block attention plus per-row IP attention (see module doc)."""
 
     def __init__(self, layer: int, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList):
-        super().__init__()
-        self.layer = layer
-        device = to_k_ip[0].weight.device
-        self.register_buffer("layer_index", torch.tensor([layer], dtype=torch.long, device=device), persistent=False)
+        super().__init__(layer, to_k_ip[0].weight.device)
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
-        self.state: IPBatchState | None = None
         self.pass_key = 0  # which pass of a step (true CFG: positive or negative embeddings), for the K/V cache
 
     def __call__(

@@ -208,3 +208,15 @@ class StepCounter:
     def __call__(self, pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.state.advance(step_index)
         return callback_kwargs
+
+
+class IPLayerProcessor(torch.nn.Module):
+    """What every batched IP processor (UNet, Flux, SD3.5) holds: its IP layer's index and the call's state.
+
+    The index is also a buffer: compiled code reads it as data, so all layers share one graph."""
+
+    def __init__(self, layer: int, device: torch.device):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("layer_index", torch.tensor([layer], dtype=torch.long, device=device), persistent=False)
+        self.state: IPBatchState | None = None

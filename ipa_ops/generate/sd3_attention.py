@@ -7,7 +7,7 @@ the block's image queries (its own RMS norm, not the block's) attending to the i
 IP keys together, and that output added to the image stream times each row's scale before the
 output projection. The IP tokens come from `IPAdapterTimeImageProjection`, which reads the
 timestep: they change every step, so nothing is cached across steps. Per-row, per-layer, per-step
-scales come from `attention.IPBatchState`; a pre-hook on the transformer settles it.
+scales come from `ip_state.IPBatchState`; a pre-hook on the transformer settles it.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ipa_ops.generate.ip_state import IPBatchState
+from ipa_ops.generate.ip_state import IPBatchState, IPLayerProcessor
 
 
-class SD3BatchedIPProcessor(torch.nn.Module):
+class SD3BatchedIPProcessor(IPLayerProcessor):
     """One joint block's attention with per-row IP scales (see module doc)."""
 
     def __init__(self, layer: int, stock: Any):
-        super().__init__()
-        self.layer = layer
-        device = stock.to_k_ip.weight.device
-        self.register_buffer("layer_index", torch.tensor([layer], dtype=torch.long, device=device), persistent=False)
+        super().__init__(layer, stock.to_k_ip.weight.device)
         self.norm_ip, self.to_k_ip, self.to_v_ip = stock.norm_ip, stock.to_k_ip, stock.to_v_ip
         self.norm_q, self.norm_k, self.norm_ip_k = stock.norm_q, stock.norm_k, stock.norm_ip_k
-        self.state: IPBatchState | None = None
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
