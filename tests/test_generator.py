@@ -260,6 +260,50 @@ def test_ip_projections_run_once_per_row_and_call(generator: Generator, ref_styl
         assert np.abs(out.image - _ours(generator, row)).max() < 2e-3  # type: ignore[operator]
 
 
+def test_text_and_image_projections_run_once_per_call(generator: Generator, ref_style: StableDiffusionPipeline) -> None:
+    """The prompts' keys and values and the image projection are the same at every step: computed once a call."""
+    from diffusers.models.attention_processor import Attention
+
+    from ipa_ops.generate.attention import BatchedIPAttnProcessor
+
+    emb = [_embeds(ref_style, [[im]])[0] for im in _refs(2)]
+    rows = [_row(f"t{i}", 50 + i, [_input("style", e, 0.6)]) for i, e in enumerate(emb)]
+    unet = generator.load("sd15").pipe.unet
+    cross = next(
+        m for m in unet.modules() if isinstance(m, Attention) and isinstance(m.processor, BatchedIPAttnProcessor)
+    )
+    calls = {"to_k": 0, "projection": 0}
+    hooks = [
+        cross.to_k.register_forward_hook(lambda *_: calls.__setitem__("to_k", calls["to_k"] + 1)),
+        unet.encoder_hid_proj.image_projection_layers[0].register_forward_hook(
+            lambda *_: calls.__setitem__("projection", calls["projection"] + 1)
+        ),
+    ]
+    try:
+        outs = generator.run_batch(rows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"to_k": 1, "projection": 1}  # not once per step (4)
+    ref_style.set_ip_adapter_scale(0.6)
+    for row, out, e in zip(rows, outs, emb, strict=True):  # and each row is what diffusers makes of it
+        assert np.abs(out.image - _diffusers(ref_style, row, [e], height=64, width=64)).max() < TOL
+
+
+def test_one_image_rows_beside_a_masked_two_image_row(generator: Generator, ref_style: StableDiffusionPipeline) -> None:
+    """The one-image rows' joint attention drops the padding slot the masked row's second image adds."""
+    masks = preprocess_masks([Image.open(REPO / "data" / "masks" / f"{s}.png") for s in ("left", "right")], 64, 64)
+    one = [_embeds(ref_style, [[im]])[0] for im in _refs(2)]
+    rows = [
+        _row("s0", 61, [_input("style", one[0], 0.6)]),
+        _row("s1", 62, [_input("style", _embeds(ref_style, [_refs(2)])[0], 0.7, masks)]),
+        _row("s2", 63, [_input("style", one[1], {"preset": "style"})]),
+    ]
+    for row, out in zip(rows, generator.run_batch(rows), strict=True):
+        assert out.error == "" and out.image is not None
+        assert np.abs(out.image - _ours(generator, row)).max() < 2e-3, row.id
+
+
 def test_compiled_unet_follows_a_changed_schedule(zoo_dir: Path, ref_style: StableDiffusionPipeline) -> None:
     flow = _flow(zoo_dir)
     flow.models["sd15"].compile = True

@@ -28,6 +28,7 @@ tokens are the same for every row of an adapter, is projected once rather than o
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -75,12 +76,12 @@ class BatchedIPAttnProcessor(IPLayerProcessor):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if encoder_hidden_states is None:  # self-attention
+            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        elif self.state is not None:
+            key, value = self.state.text_kv(self.layer, encoder_hidden_states, lambda c: _text_projection(attn, c))
+        else:
+            key, value = _text_projection(attn, encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -90,7 +91,7 @@ class BatchedIPAttnProcessor(IPLayerProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         if ip_hidden_states is not None and self.state is not None:
-            hidden_states = hidden_states + self._ip_attention(attn, query, ip_hidden_states, head_dim)
+            hidden_states = self._ip_attention(attn, query, ip_hidden_states, head_dim, hidden_states)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -119,17 +120,23 @@ class BatchedIPAttnProcessor(IPLayerProcessor):
         return kv
 
     def _ip_attention(
-        self, attn: Attention, query: torch.Tensor, ip_hidden_states: list[torch.Tensor], head_dim: int
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        ip_hidden_states: list[torch.Tensor],
+        head_dim: int,
+        hidden_states: torch.Tensor,
     ) -> torch.Tensor:
-        """Sum over adapters of scale * IP attention output, per sample."""
+        """`hidden_states` plus, per application, each sample's scale times its IP attention output.
+
+        Eager runs add into `hidden_states` in place, sample subsets with `index_add_`."""
         state = self.state
         assert state is not None
-        batch, _, queries, _ = query.shape
-        total = torch.zeros(batch, queries, attn.heads * head_dim, dtype=query.dtype, device=query.device)
+        batch = query.shape[0]
         for adapter, projection, tokens in state.applications(ip_hidden_states):
             if not state.attends(adapter, self.layer):  # eager: a host flag settled before the loop
                 continue
-            scale = state.scales(adapter, self.layer_index, batch).to(query.dtype)
+            scale = state.scales(adapter, self, batch, query.dtype)
             if tokens.ndim == 3:  # [B, n*T, C] projections without an image axis
                 tokens = tokens.unsqueeze(1)
             ip_key, ip_value = self._kv(adapter, projection, tokens)
@@ -143,33 +150,39 @@ class BatchedIPAttnProcessor(IPLayerProcessor):
                 scale = scale * keep
             n_tokens = ip_key.shape[2]
             regional_rows = state.masks[adapter] is not None  # a shape fact: some row of the call has masks
-            valid = None
-            if state.general or state.padded[adapter]:
-                valid = state.rows(state.token_valid[adapter], batch).repeat_interleave(n_tokens, dim=1)
             if state.general:  # every sample through both paths, chosen by torch.where: one graph
+                valid = state.rows(state.token_valid[adapter], batch).repeat_interleave(n_tokens, dim=1)
                 out = self._joint_attention(attn, query, ip_key, ip_value, valid, factors, head_dim)
                 if regional_rows:
                     assert state.masked is not None
                     masked = state.rows(state.masked[:, adapter], batch)
                     regional = self._masked_attention(attn, query, ip_key, ip_value, adapter, None, head_dim, factors)
                     out = torch.where(masked[:, None, None], regional, out)
-            else:  # each sample through the one path its row needs, if any
-                out = torch.zeros_like(total)
-                for regional in (False, True) if regional_rows and state.any_masked[adapter] else (False,):
-                    index = state.samples(adapter, self.layer, batch, regional)
-                    if index is not None and index.numel() == 0:
-                        continue
-                    pick = _picker(index)
-                    part_factors = None if factors is None else [pick(f) for f in factors]
-                    q, k, v = pick(query), pick(ip_key), pick(ip_value)
-                    if regional:
-                        part = self._masked_attention(attn, q, k, v, adapter, index, head_dim, part_factors, batch)
-                    else:
-                        part_valid = None if valid is None else pick(valid)
-                        part = self._joint_attention(attn, q, k, v, part_valid, part_factors, head_dim)
-                    out = part if index is None else out.index_copy(0, index, part)
-            total = total + scale[:, None, None] * out
-        return total
+                hidden_states = hidden_states + scale[:, None, None] * out
+                continue
+            for regional in (False, True) if regional_rows and state.any_masked[adapter] else (False,):
+                index = state.samples(adapter, self.layer, batch, regional)  # each sample through its row's path
+                if index is not None and index.numel() == 0:
+                    continue
+                pick = _picker(index)
+                part_factors = None if factors is None else [pick(f) for f in factors]
+                q, k, v = pick(query), pick(ip_key), pick(ip_value)
+                if regional:
+                    part = self._masked_attention(attn, q, k, v, adapter, index, head_dim, part_factors, batch)
+                else:
+                    slots, padded = state.joint_slots(adapter, self.layer)
+                    k, v = k[:, :slots], v[:, :slots]
+                    valid = None
+                    if padded:
+                        valid = pick(state.rows(state.token_valid[adapter][:, :slots], batch))
+                        valid = valid.repeat_interleave(n_tokens, dim=1)
+                    part = self._joint_attention(attn, q, k, v, valid, part_factors, head_dim)
+                part = part * pick(scale)[:, None, None]
+                if index is None:
+                    hidden_states += part
+                else:
+                    hidden_states.index_add_(0, index, part)
+        return hidden_states
 
     def _joint_attention(
         self,
@@ -228,6 +241,13 @@ class BatchedIPAttnProcessor(IPLayerProcessor):
         return out
 
 
+def _text_projection(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the text tokens, as diffusers' processor makes them."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_k(context), attn.to_v(context)
+
+
 def _picker(index: torch.Tensor | None) -> Any:
     """tensor -> its samples at `index` (dim 0), or itself when `index` is None (every sample)."""
     return (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
@@ -269,7 +289,19 @@ def install(unet: Any) -> list[str]:
     unet._ipa_processors = batched
     if names and getattr(unet, "_ipa_prepare", None) is None:
         unet._ipa_prepare = unet.register_forward_pre_hook(_prepare_state)
+    projection = getattr(unet, "encoder_hid_proj", None)
+    if names and projection is not None and "_ipa_project" not in projection.__dict__:
+        # diffusers projects the image embeddings at every step; the bound state projects them once a call
+        projection._ipa_project = projection.forward
+        projection.forward = functools.partial(_project_once, unet, projection._ipa_project)
     return names
+
+
+def _project_once(unet: Any, project: Any, image_embeds: Any) -> Any:
+    state = getattr(unet, "_ipa_state", None)
+    if state is None or not isinstance(image_embeds, list):
+        return project(image_embeds)
+    return state.projection(image_embeds, project)
 
 
 def _prepare_state(unet: Any, args: Any) -> None:

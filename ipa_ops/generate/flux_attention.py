@@ -101,7 +101,7 @@ class FluxBatchedIPProcessor(IPLayerProcessor):
         for adapter, tokens in enumerate(ip_hidden_states):
             if not state.attends(adapter, self.layer):
                 continue
-            scale = state.scales(adapter, self.layer_index, batch).to(ip_query.dtype)
+            scale = state.scales(adapter, self, batch, ip_query.dtype)
             ip_key, ip_value = self._kv(adapter, tokens, attn.head_dim)
             mask = None
             if state.general or state.padded[adapter]:  # padded image slots attend nothing

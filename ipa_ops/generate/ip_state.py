@@ -58,6 +58,10 @@ class IPBatchState:
     _samples: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     _weights: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _distinct: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    _step_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # eager: (step, batch, dtype) -> [batch, A, L]
+    _text: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # per layer
+    _projected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (image embeds, their projection)
+    slot_counts: list[list[int]] = field(default_factory=list)  # per adapter, per row: real slots (-1: not a prefix)
 
     def prepare(self) -> None:
         """Resolve the step profile and every per-call decision; once per call (idempotent)."""
@@ -79,6 +83,7 @@ class IPBatchState:
             self.embeds_scaling = torch.zeros(rows, adapters, dtype=torch.long)
         self.any_uncond = self.uncond_image.any(dim=2).any(dim=0).tolist()
         self.any_scaling = (self.embeds_scaling != 0).any(dim=0).tolist()
+        self.slot_counts = [_prefix_counts(v.cpu()) for v in self.token_valid]
         self.uncond_image = self.uncond_image.to(device)
         self.embeds_scaling = self.embeds_scaling.to(device)
         self.table = table.to(device)
@@ -89,13 +94,19 @@ class IPBatchState:
         if self.general:  # nothing cached across steps: the graph must not depend on a Python dict
             self.cache_kv = False
 
-    def scales(self, adapter: int, layer: torch.Tensor, batch: int) -> torch.Tensor:
-        """[batch] scales for this adapter and layer at the current step (CFG halves repeated).
+    def scales(self, adapter: int, layer: IPLayerProcessor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """[batch] scales for this adapter and `layer` at the current step (CFG halves repeated).
 
-        Layer and step are tensors, not Python ints, so a compiled block serves every layer and step."""
+        Compiled (`general`): layer and step are read as tensors, not Python ints, so one compiled block
+        serves every layer and step. Eager: a view into the step's [batch, A, L] table, made once per step."""
         assert self.table is not None, "IPBatchState.prepare() runs before the first UNet step"
-        per_row = self.table[:, adapter].index_select(1, layer).index_select(2, self.step_index)[:, 0, 0]
-        return per_row.repeat(batch // per_row.shape[0])
+        if self.general:
+            per_row = self.table[:, adapter].index_select(1, layer.layer_index).index_select(2, self.step_index)
+            return per_row[:, 0, 0].repeat(batch // per_row.shape[0]).to(dtype)
+        key = (self.step, batch, dtype)
+        if key not in self._step_rows:
+            self._step_rows = {key: self.rows(self.table[..., self.step], batch).to(dtype)}  # the last step's goes
+        return self._step_rows[key][:, adapter, layer.layer]
 
     def attends(self, adapter: int, layer: int) -> bool:
         """Whether some row needs this adapter at this layer and step (always, when general)."""
@@ -165,16 +176,55 @@ class IPBatchState:
         adapters they use does each row's work only, not the union of all rows' work."""
         key = (adapter, layer, batch, regional)
         if key not in self._samples:
-            regional_rows = self.masked is not None and self.masks[adapter] is not None
-            masked = self.masked[:, adapter].tolist() if regional_rows else []
-            rows = [
-                r for r, need in enumerate(self.needed)
-                if need[adapter][layer] and bool(masked and masked[r]) == regional
-            ]  # fmt: skip
-            count = len(self.needed)
+            count, rows = len(self.needed), self._subset(adapter, layer, regional)
             index = [r + half * count for half in range(batch // count) for r in rows]
             self._samples[key] = None if len(index) == batch else torch.tensor(index, device=self.device)
         return self._samples[key]
+
+    def joint_slots(self, adapter: int, layer: int) -> tuple[int, bool]:
+        """Eager runs: (image slots, whether padding must be masked) for the samples of this adapter's
+        joint attention at this layer. When every such row has its real images first, the slots past
+        the longest row are dropped, and when all have the same count no padding mask is needed: a
+        mask-free attention over fewer tokens, the same result."""
+        key = (adapter, layer, "slots")
+        if key not in self._samples:
+            counts = [self.slot_counts[adapter][r] for r in self._subset(adapter, layer, regional=False)]
+            if counts and min(counts) >= 1:  # all prefixes (-1: a gap) and none empty
+                self._samples[key] = (max(counts), min(counts) != max(counts))  # type: ignore[assignment]
+            else:
+                self._samples[key] = (self.token_valid[adapter].shape[1], self.padded[adapter])  # type: ignore[assignment]
+        return self._samples[key]  # type: ignore[return-value]
+
+    def _subset(self, adapter: int, layer: int, regional: bool) -> list[int]:
+        """Rows that need this adapter at this layer, through its masked path (`regional`) or its joint one."""
+        regional_rows = self.masked is not None and self.masks[adapter] is not None
+        masked = self.masked[:, adapter].tolist() if regional_rows else []  # type: ignore[index]
+        return [
+            r for r, need in enumerate(self.needed)
+            if need[adapter][layer] and bool(masked and masked[r]) == regional
+        ]  # fmt: skip
+
+    def text_kv(self, layer: int, context: torch.Tensor, project: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cross-attention layer's text keys and values: the prompts are the same tensor at every step
+        of a call, so with caching they are projected at the first step only (`project(context)`)."""
+        cached = self._text.get(layer) if self.cache_kv else None
+        if cached is not None and cached[0] is context:
+            return cached[1], cached[2]
+        key, value = project(context)
+        if self.cache_kv:
+            self._text[layer] = (context, key, value)  # holding `context` keeps its identity unique
+        return key, value
+
+    def projection(self, image_embeds: list[torch.Tensor], project: Any) -> list[torch.Tensor]:
+        """The UNet's image projection of this call's embeddings: the same tensors at every step, so with
+        caching the projection (a Resampler for Plus adapters) runs once per call, not once per step."""
+        if not self.cache_kv:
+            return project(image_embeds)
+        seen = self._projected
+        same = seen is not None and len(seen[0]) == len(image_embeds)
+        if not (same and all(a is b for a, b in zip(seen[0], image_embeds, strict=True))):  # type: ignore[index]
+            self._projected = (list(image_embeds), project(image_embeds))
+        return self._projected[1]  # type: ignore[index]
 
     def mask_weight(self, adapter: int, image: int, batch: int, queries: int) -> torch.Tensor:
         """[batch, queries, 1] region weight of one image slot, downsampled as diffusers does; once per
@@ -192,6 +242,13 @@ class IPBatchState:
     def rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
         """Repeat a per-row tensor over the CFG halves of a UNet batch."""
         return tensor.repeat((batch // tensor.shape[0],) + (1,) * (tensor.ndim - 1))
+
+
+def _prefix_counts(valid: torch.Tensor) -> list[int]:
+    """Per row of [rows, n] slot flags: how many slots are real when they come first, else -1."""
+    counts = valid.sum(dim=1)
+    prefix = valid.cumprod(dim=1).sum(dim=1) == counts
+    return torch.where(prefix, counts, torch.full_like(counts, -1)).tolist()
 
 
 EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")  # ComfyUI's names

@@ -61,7 +61,7 @@ class SD3BatchedIPProcessor(IPLayerProcessor):
             context = attn.to_add_out(context)
         state = self.state
         if ip_hidden_states is not None and state is not None and state.attends(0, self.layer):
-            scale = state.scales(0, self.layer_index, image.shape[0]).to(image.dtype)
+            scale = state.scales(0, self, image.shape[0], image.dtype)
             tokens = self.norm_ip(ip_hidden_states, temb=temb)
             ip_key = self.norm_ip_k(self._heads(self.to_k_ip(tokens), heads))
             ip_value = self._heads(self.to_v_ip(tokens), heads)
