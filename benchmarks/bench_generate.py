@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffusers import AutoPipelineForText2Image  # noqa: E402
 from generate_ways import MODELS, bench_flow, make_rows, run_diffusers_batched, run_ipa, run_plain  # noqa: E402
 
+from ipa_ops.generate import memory  # noqa: E402
 from ipa_ops.generate.generator import Generator  # noqa: E402
 from ipa_ops.zoo import build_zoo  # noqa: E402
 
@@ -134,6 +135,8 @@ def main() -> None:
     full_res = MODELS[args.model]["full_resolution"]
     defaults = {"tiny": (16, 64, 4), "small": (16, 128, 8), "full": (64, full_res, 30)}[args.size]
     n, res, steps = args.rows or defaults[0], args.resolution or defaults[1], args.steps or defaults[2]
+    if args.device == "cpu":  # a CPU Generator does this anyway; here before any way runs, for all of them alike
+        print(f"bench_generate: glibc malloc thresholds fixed for every way: {memory.steady_host_allocator()}")
     torch.manual_seed(0)
     zoo = Path(build_zoo(Path(args.zoo) / f"zoo-{args.size}", size=args.size))
     dtype = torch.float16 if args.device == "cuda" else torch.float32

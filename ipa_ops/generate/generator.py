@@ -48,6 +48,8 @@ class Generator:
         self.models: dict[str, LoadedModel] = {}
         self.worker = f"{socket.gethostname()}:{self.device}"
         self.stats = {"calls": 0, "batch_failures": 0}  # a failed batch is retried row by row
+        if self.device == "cpu":
+            memory.steady_host_allocator()  # the same speed in every process (memory.py)
 
     # -- loading -------------------------------------------------------------------------
     def dtype(self, spec: ModelSpec) -> torch.dtype:
