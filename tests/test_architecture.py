@@ -136,7 +136,12 @@ def test_row_contract_imports_nothing_of_the_engine() -> None:
     graph = import_graph(PACKAGE)
     assert graph["ipa_ops.generate.contract"] <= {"ipa_ops.flow.schedules"}
     engine = {"ipa_ops.generate.generator", "ipa_ops.generate.tasks", "ipa_ops.generate.faceid"}
-    for planning in ("ipa_ops.generate.plan", "ipa_ops.generate.faceid", "ipa_ops.generate.tasks"):
+    for planning in (
+        "ipa_ops.generate.plan",
+        "ipa_ops.generate.prepare",
+        "ipa_ops.generate.faceid",
+        "ipa_ops.generate.tasks",
+    ):
         assert "ipa_ops.generate.generator" not in graph[planning], planning
     families = {m: t for m, t in graph.items() if m.startswith("ipa_ops.generate.families")}
     for module, targets in families.items():  # a family knows the attention and the format, not the engine

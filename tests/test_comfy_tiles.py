@@ -26,7 +26,8 @@ from test_comfy_prep import _picture
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
-from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.generate.plan import RowPlan
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.generate.reproduce import plan_of
 from ipa_ops.records.schema import RECORD_COLUMNS, from_columns, to_columns
 from ipa_ops.stages.extract import EncodeActor, _job, _table

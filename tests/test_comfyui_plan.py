@@ -13,7 +13,7 @@ from comfy_reference import combine_embeds
 from ipa_ops.flow.spec import load_flow
 from ipa_ops.generate import conditioning, manifest_plan
 from ipa_ops.generate.manifest_plan import plan_manifest
-from ipa_ops.generate.plan import prepare
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.store.encoders.ids import encoder_id
 
 REPO = Path(__file__).resolve().parents[1]

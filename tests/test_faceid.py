@@ -27,8 +27,9 @@ from transformers import CLIPVisionModelWithProjection
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.families import adapter_facts
 from ipa_ops.generate.generator import Generator
-from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.generate.plan import RowPlan
 from ipa_ops.generate.preflight import check_flow
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.generate import run_generate
 from ipa_ops.zoo import face_analysis_kwargs

@@ -25,8 +25,8 @@ from ipa_ops.cli import main
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.generator import Generator
-from ipa_ops.generate.plan import prepare
 from ipa_ops.generate.preflight import check_flow
+from ipa_ops.generate.prepare import prepare
 
 TOL = 1e-4
 WEIGHTS = {"full-face": "ip-adapter-full-face_sd15.bin", "plus-face": "ip-adapter-plus-face_sd15.safetensors"}

@@ -25,7 +25,7 @@ from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
-from ipa_ops.generate.plan import prepare
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.stages.extract import run_extract
 from ipa_ops.store.dataset import EmbeddingStore
 from ipa_ops.zoo import build_family_zoo

@@ -21,7 +21,7 @@ from ipa_ops.cli import main
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_manifest
-from ipa_ops.generate.plan import prepare
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
 from ipa_ops.stages.generate import GeneratorActor, run_generate, torch_threads

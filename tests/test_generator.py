@@ -323,7 +323,8 @@ def test_generator_core_imports_without_ray() -> None:
     import subprocess
     import sys
 
-    core = "ipa_ops.generate.generator, ipa_ops.generate.plan, ipa_ops.generate.manifest_plan, ipa_ops.zoo"
+    core = "ipa_ops.generate.generator, ipa_ops.generate.plan, ipa_ops.generate.prepare, ipa_ops.generate.manifest_plan"
+    core += ", ipa_ops.zoo"
     code = f"import sys; sys.modules['ray'] = None; import {core}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-500:]

@@ -30,8 +30,8 @@ from transformers import CLIPVisionModelWithProjection
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate.contract import RowRequest
 from ipa_ops.generate.generator import Generator
-from ipa_ops.generate.plan import prepare
 from ipa_ops.generate.preflight import check_adapter, check_flow
+from ipa_ops.generate.prepare import prepare
 
 TOL = 1e-4
 MASK = str(faces_ws.REPO / "data" / "masks" / "left.png")

@@ -25,7 +25,8 @@ from ipa_ops.flow.sources import fingerprint, resolve
 from ipa_ops.flow.spec import Flow
 from ipa_ops.generate import loras
 from ipa_ops.generate.generator import Generator
-from ipa_ops.generate.plan import AdapterPlan, RowPlan, prepare
+from ipa_ops.generate.plan import AdapterPlan, RowPlan
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.generate.records import for_image
 from ipa_ops.outputs import results_parts
 from ipa_ops.outputs.files import Encoded, encode_outputs

@@ -26,7 +26,8 @@ from ipa_ops.flow.stage_specs import GenerateResources, GenerateStage
 from ipa_ops.generate import payload, records
 from ipa_ops.generate.generator import Generator
 from ipa_ops.generate.manifest_plan import plan_rows, row_error
-from ipa_ops.generate.plan import RowPlan, prepare
+from ipa_ops.generate.plan import RowPlan
+from ipa_ops.generate.prepare import prepare
 from ipa_ops.outputs.files import write_outputs
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.results_writer import ResultsWriter
