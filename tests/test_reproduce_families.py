@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 from faces_ws import FACEID, H94, REPO
 from PIL import Image
+from zoo_flows import assert_reproduces
 
 from ipa_ops.cli import main
 from ipa_ops.generate.records import for_image
@@ -128,13 +129,7 @@ def test_reproduce_from_another_folder(
     row = runs["rows"][rid]
     output = runs["outputs"]["repro-xl" if rid.startswith("xl") else "repro-lora"]
     monkeypatch.chdir(tmp_path)
-    assert main(["reproduce", output, row["row_key"], "--out", str(tmp_path / "a")]) == 0
-    said = capsys.readouterr().out
-    assert "identical to the original: pixels and bytes" in said, said
-    assert (tmp_path / "a" / f"{row['row_key']}.png").read_bytes() == Path(row["outputs"][0]).read_bytes()
-    assert main(["reproduce", "--png", row["outputs"][0], "--out", str(tmp_path / "b")]) == 0
-    said = capsys.readouterr().out
-    assert "identical to the original: pixels and bytes" in said, said
+    assert_reproduces(output, row, tmp_path, capsys)
 
 
 def test_records_with_relative_paths_still_reproduce_from_the_runs_folder(

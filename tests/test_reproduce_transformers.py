@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from zoo_flows import REPO
+from zoo_flows import REPO, assert_reproduces
 
-from ipa_ops.cli import main
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.stages.extract import run_extract
@@ -126,10 +125,4 @@ def test_reproduce_bit_identically(
     row = runs["rows"][rid]
     output = runs["outputs"][rid.split("-")[0]]
     monkeypatch.chdir(tmp_path)
-    assert main(["reproduce", output, row["row_key"], "--out", str(tmp_path / "a")]) == 0
-    said = capsys.readouterr().out
-    assert "identical to the original: pixels and bytes" in said, said
-    assert (tmp_path / "a" / f"{row['row_key']}.png").read_bytes() == Path(row["outputs"][0]).read_bytes()
-    assert main(["reproduce", "--png", row["outputs"][0], "--out", str(tmp_path / "b")]) == 0
-    said = capsys.readouterr().out
-    assert "identical to the original: pixels and bytes" in said, said
+    assert_reproduces(output, row, tmp_path, capsys)

@@ -78,3 +78,16 @@ def outputs_and_calls(generator: Any, model: str, rows: list[Any]) -> tuple[list
     finally:
         hook.remove()
     return outs, len(calls)
+
+
+def assert_reproduces(output: str, row: dict[str, Any], folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ipa reproduce` remakes a results row bit-identically, from the output folder and from its PNG alone."""
+    from ipa_ops.cli import main
+
+    assert main(["reproduce", output, row["row_key"], "--out", str(folder / "a")]) == 0
+    said = capsys.readouterr().out
+    assert "identical to the original: pixels and bytes" in said, said
+    assert (folder / "a" / f"{row['row_key']}.png").read_bytes() == Path(row["outputs"][0]).read_bytes()
+    assert main(["reproduce", "--png", row["outputs"][0], "--out", str(folder / "b")]) == 0
+    said = capsys.readouterr().out
+    assert "identical to the original: pixels and bytes" in said, said
