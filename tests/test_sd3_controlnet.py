@@ -132,11 +132,16 @@ def test_row_key_has_the_controlnet_fingerprint_and_the_control_image(
     assert validate_lines(tmp_path, data, capsys) == ["ok"]
 
 
-def test_a_controlnet_of_another_family_fails_the_row_in_one_line(cn: dict[str, Any]) -> None:
+def test_a_controlnet_of_another_family_is_refused_in_one_line(
+    cn: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Flux ControlNet on the SD3.5 model: `ipa validate` refuses the flow, and a row run anyway fails alone."""
     data = json.loads(json.dumps(cn["data"]))
     data["controlnets"]["canny"]["source"] = FLUX_CANNY
-    (out,) = Generator(parse_flow(data), device="cpu").generate([cn["rows"]["cn"]])
-    assert out.error == (
-        "ValueError: controlnets.canny: a FluxControlNetModel runs on flux models, but model 'sd3' is sd3; "
+    line = (
+        "controlnets.canny: a FluxControlNetModel runs on flux models, but model 'sd3' is sd3; "
         "set models.sd3.controlnet to the alias of a SD3ControlNetModel folder"
     )
+    assert validate_lines(tmp_path, data, capsys) == [line]
+    (out,) = Generator(parse_flow(data), device="cpu").generate([cn["rows"]["cn"]])
+    assert out.error == f"ValueError: {line}"

@@ -105,25 +105,38 @@ CONTROLNET_CLASSES = {  # a ControlNet folder's class -> the families whose pipe
 }
 
 
+def controlnet_folder(flow: Flow, alias: str) -> tuple[Any, str]:
+    """The folder of a flow ControlNet alias and the class its `config.json` names."""
+    spec = flow.controlnets[alias]
+    folder = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), f"controlnet {alias!r}").folder
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return folder, config.get("_class_name", "ControlNetModel")
+
+
+def controlnet_problem(alias: str, name: str, model: str, family: str) -> str:
+    """One line when the ControlNet class `name` is not one the pipeline of `model` (of `family`) takes."""
+    if name not in CONTROLNET_CLASSES:
+        return f"controlnets.{alias}: {name} is not supported; use a {' or '.join(CONTROLNET_CLASSES)}"
+    if family in CONTROLNET_CLASSES[name]:
+        return ""
+    fits = next(c for c, families in CONTROLNET_CLASSES.items() if family in families)
+    return (
+        f"controlnets.{alias}: a {name} runs on {'/'.join(CONTROLNET_CLASSES[name])} models, but model "
+        f"{model!r} is {family}; set models.{model}.controlnet to the alias of a {fits} folder"
+    )
+
+
 def _controlnet(flow: Flow, alias: str, model: tuple[str, str], dtype: Any, device: str) -> Any:
     """The ControlNet of a flow alias, as the class its `config.json` names, if the pipeline of `model`
     (alias, family name) takes it: a wrong pairing fails in one line, not deep in `from_pipe`."""
     import diffusers
 
-    spec = flow.controlnets[alias]
-    folder = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), f"controlnet {alias!r}").folder
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    name = config.get("_class_name", "ControlNetModel")
-    if name not in CONTROLNET_CLASSES:
-        raise ValueError(f"controlnets.{alias}: {name} is not supported; use a {' or '.join(CONTROLNET_CLASSES)}")
-    (model_alias, family) = model
-    if family not in CONTROLNET_CLASSES[name]:
-        fits = next(c for c, families in CONTROLNET_CLASSES.items() if family in families)
-        raise ValueError(
-            f"controlnets.{alias}: a {name} runs on {'/'.join(CONTROLNET_CLASSES[name])} models, but model "
-            f"{model_alias!r} is {family}; set models.{model_alias}.controlnet to the alias of a {fits} folder"
-        )
-    return getattr(diffusers, name).from_pretrained(folder, variant=spec.variant, dtype=dtype).to(device)
+    folder, name = controlnet_folder(flow, alias)
+    problem = controlnet_problem(alias, name, *model)
+    if problem:
+        raise ValueError(problem)
+    variant = flow.controlnets[alias].variant
+    return getattr(diffusers, name).from_pretrained(folder, variant=variant, dtype=dtype).to(device)
 
 
 def scheduler(loaded: LoadedModel, name: str | None, options: dict[str, Any]) -> Any:
