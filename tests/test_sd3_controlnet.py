@@ -30,7 +30,7 @@ from test_sd3 import (
     sd3_flow_data,
     workspace,
 )
-from zoo_flows import REPO, outputs_and_calls, validate_lines
+from zoo_flows import REPO, assert_reproduces, outputs_and_calls, validate_lines
 
 from ipa_ops.flow.spec import parse_flow
 from ipa_ops.generate.generator import Generator
@@ -145,3 +145,23 @@ def test_a_controlnet_of_another_family_is_refused_in_one_line(
     assert validate_lines(tmp_path, data, capsys) == [line]
     (out,) = Generator(parse_flow(data), device="cpu").generate([cn["rows"]["cn"]])
     assert out.error == f"ValueError: {line}"
+
+
+def test_controlnet_rows_run_record_and_reproduce(cn: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The generate stage runs the rows; a ControlNet row's record names the ControlNet's fingerprint and its
+    control image, and `ipa reproduce` remakes it bit-identically (from the results row and the PNG)."""
+    from ipa_ops.outputs.folder import OutputDir
+    from ipa_ops.stages.generate import run_generate
+
+    flow = cn["flow"]
+    generate = flow.stages.generate.model_copy(update={"output": str(tmp_path / "out")})
+    counts = run_generate(flow, generate)
+    results = {r["id"]: r for r in OutputDir(generate.output).read_results().to_dict("records")}
+    assert counts["error"] == 0, [r["error"] for r in results.values()]
+    row = results["cn-window"]
+    (component,) = row["components"]
+    assert (component["kind"], component["alias"]) == ("controlnet", "canny") and component["fingerprint"]
+    assert row["control_image"]["uri"] == REFS[3] and row["controlnet_scale"] == SCALE
+    monkeypatch.chdir(tmp_path)
+    assert_reproduces(generate.output, row, tmp_path, capsys)
