@@ -59,6 +59,7 @@ CONTROL = [
     _control("cn-none", 23, [], REFS[1]),
 ]
 OTHER_SCALE = _control("cn-half", 20, [_entry(REFS[:1], 0.5)], REFS[2], scale=0.4)  # "cn" at another scale
+NO_CFG = {**_control("cn-nocfg", 24, [_entry(REFS[:1], 0.5)], REFS[2]), "guidance_scale": 1.0}  # no [negative; ...]
 PLAIN = {"id": "plain", "seed": 20, "adapters": [_entry(REFS[:1], 0.5)]}
 
 
@@ -71,7 +72,7 @@ def _with_controlnet(source: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cn(sd3_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    rows = [*CONTROL, OTHER_SCALE, PLAIN]
+    rows = [*CONTROL, OTHER_SCALE, NO_CFG, PLAIN]
     return workspace(sd3_zoo, tmp_path_factory.mktemp("sd3-cn-ws"), rows, _with_controlnet(SD35_CANNY))
 
 
@@ -79,8 +80,11 @@ def _image(path: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def test_controlnet_row_matches_the_documented_call(cn: dict[str, Any], sd3_zoo: Path) -> None:
-    row = cn["rows"]["cn"]
+@pytest.mark.parametrize("rid", ["cn", "cn-nocfg"])
+def test_controlnet_row_matches_the_documented_call(cn: dict[str, Any], sd3_zoo: Path, rid: str) -> None:
+    """With classifier-free guidance (the control latents of both halves drawn) and without."""
+    row = cn["rows"][rid]
+    assert (row.guidance_scale > 1) == (rid == "cn")
     controlnet = SD3ControlNetModel.from_pretrained(sd3_zoo / SD35_CANNY, dtype=torch.float32)
     pipe = StableDiffusion3ControlNetPipeline.from_pipe(_guide_pipe(sd3_zoo, 0.5), controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
