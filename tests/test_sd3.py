@@ -76,14 +76,24 @@ def sd3_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ws(sd3_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("sd3-ws")
+    return workspace(sd3_zoo, tmp_path_factory.mktemp("sd3-ws"), [*ROWS, NEGATIVE, *IMAGE_TASKS])
+
+
+def sd3_flow_data() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "flows" / "sd3.yaml").read_text())
+
+
+def workspace(zoo: Path, root: Path, rows: list[dict[str, Any]], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`rows` as a manifest on `flows/sd3.yaml` (or `data`, a flow dict) on the zoo: the extract stage run
+    into `root`, the rows planned and read into RowRequests, and a CPU Generator of the flow."""
     manifest = root / "rows.csv"
-    frame = pd.DataFrame([{"prompt": "a photo of a cat", **r} for r in [*ROWS, NEGATIVE, *IMAGE_TASKS]])
+    frame = pd.DataFrame([{"prompt": "a photo of a cat", **r} for r in rows])
     frame["adapters"] = frame["adapters"].map(json.dumps)
-    frame["steps"] = frame["steps"].astype("Int64")  # empty for most rows, not 4.0
+    if "steps" in frame:
+        frame["steps"] = frame["steps"].astype("Int64")  # empty for most rows, not 4.0
     frame.to_csv(manifest, index=False)
-    data = yaml.safe_load((REPO / "flows" / "sd3.yaml").read_text())
-    data["mirror"] = str(sd3_zoo)
+    data = json.loads(json.dumps(data if data is not None else sd3_flow_data()))
+    data["mirror"] = str(zoo)
     data["stages"]["extract"].update(images=REFS, store=str(root / "store"), resources={"batch_size": 8})
     data["stages"]["generate"].update(
         manifest=str(manifest), store=str(root / "store"), output=str(root / "out"),
@@ -95,8 +105,8 @@ def ws(sd3_zoo: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory)
     plans, errors = plan_manifest(flow, flow.stages.generate)
     assert errors == []
     store = EmbeddingStore(str(root / "store"))
-    rows = {p.id: prepare(p, store) for p in plans}
-    return {"flow": flow, "data": data, "rows": rows, "root": root,
+    rows_read = {p.id: prepare(p, store) for p in plans}
+    return {"flow": flow, "data": data, "rows": rows_read, "root": root, "plans": plans,
             "generator": Generator(flow, device="cpu", batch_size=8)}  # fmt: skip
 
 
@@ -109,11 +119,11 @@ def _guide_pipe(zoo: Path, scale: Any) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def _guide_call(pipe: StableDiffusion3Pipeline, row: RowRequest, image: Any) -> np.ndarray:
+def _guide_call(pipe: StableDiffusion3Pipeline, row: RowRequest, image: Any, **task: Any) -> np.ndarray:
     return pipe(
         row.prompt, negative_prompt=row.negative_prompt or None, ip_adapter_image=image,
         num_inference_steps=row.steps, guidance_scale=row.guidance_scale, width=row.width, height=row.height,
-        generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np",
+        generator=torch.Generator("cpu").manual_seed(row.seed), output_type="np", **task,
     ).images[0]  # fmt: skip
 
 

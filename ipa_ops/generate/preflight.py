@@ -255,7 +255,27 @@ def check_models(flow: Flow) -> list[str]:
                 resolve(enc.source or "", enc.subfolder, None, mirror, what=f"encoder {alias!r}")
             except SourceNotFound as exc:
                 problems.append(f"encoders.{alias}.source: {exc}")
-    return problems + source_problems(flow)
+    return problems + source_problems(flow) + controlnet_pairings(flow)
+
+
+def controlnet_pairings(flow: Flow) -> list[str]:
+    """`ipa validate`: each model's ControlNet is a class its family's pipeline takes (one line each)."""
+    from ipa_ops.generate.tasks import controlnet_folder, controlnet_problem
+
+    problems: list[str] = []
+    for alias, spec in flow.models.items():
+        if spec.controlnet is None or spec.controlnet not in flow.controlnets:
+            continue
+        try:
+            model = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), what=f"model {alias!r}").folder
+            _, name = controlnet_folder(flow, spec.controlnet)
+            family = family_of(model).name
+        except (SourceNotFound, ValueError):
+            continue  # (a missing source or an unknown family has its own line)
+        problem = controlnet_problem(spec.controlnet, name, alias, family)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def source_problems(flow: Flow) -> list[str]:

@@ -6,8 +6,8 @@ way diffusers documents, sharing its components instead of loading them again:
 - img2img / inpaint: `AutoPipelineForImage2Image/Inpainting.from_pipe(base)`;
 - controlnet: `AutoPipelineForText2Image.from_pipe(base, controlnet=ControlNetModel.from_pretrained(...))`
   (the model's `controlnet:` alias names the ControlNet; a `FluxControlNetModel` folder makes a
-  `FluxControlNetPipeline`), so the IP-Adapter attention and the LoRAs of the base denoiser serve
-  ControlNet rows too;
+  `FluxControlNetPipeline`, an `SD3ControlNetModel` one a `StableDiffusion3ControlNetPipeline`), so
+  the IP-Adapter attention and the LoRAs of the base denoiser serve ControlNet rows too;
 - video: `AnimateDiffPipeline.from_pipe(base, motion_adapter=..., unet=<the base UNet's weights>)`.
   AnimateDiff needs its own `UNetMotionModel` (diffusers builds it from a plain UNet2D with
   `from_unet2d`), so the video pipeline gets a clean copy of the UNet weights, and then the
@@ -89,7 +89,7 @@ def task_pipe(loaded: LoadedModel, task: str, model: str | None, flow: Flow, dev
             pipe = AutoPipelineForInpainting.from_pipe(loaded.pipe)
         elif task == "controlnet":
             assert spec is not None and spec.controlnet is not None
-            controlnet = _controlnet(flow, spec.controlnet, loaded.dtype, device)
+            controlnet = _controlnet(flow, spec.controlnet, (model or "", loaded.family.name), loaded.dtype, device)
             pipe = AutoPipelineForText2Image.from_pipe(loaded.pipe, controlnet=controlnet)
         else:
             raise ValueError(f"task {task!r} is not supported; use text2img, img2img, inpaint, controlnet or video")
@@ -98,20 +98,45 @@ def task_pipe(loaded: LoadedModel, task: str, model: str | None, flow: Flow, dev
     return loaded.task_pipes[key]
 
 
-CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # UNet families' and Flux's
+CONTROLNET_CLASSES = {  # a ControlNet folder's class -> the families whose pipelines take it
+    "ControlNetModel": ("sd15", "sdxl"),
+    "FluxControlNetModel": ("flux",),
+    "SD3ControlNetModel": ("sd3",),
+}
 
 
-def _controlnet(flow: Flow, alias: str, dtype: Any, device: str) -> Any:
-    """The ControlNet of a flow alias, as the class its `config.json` names (UNet or Flux ControlNet)."""
-    import diffusers
-
+def controlnet_folder(flow: Flow, alias: str) -> tuple[Any, str]:
+    """The folder of a flow ControlNet alias and the class its `config.json` names."""
     spec = flow.controlnets[alias]
     folder = resolve(spec.source, spec.subfolder, None, flow.mirror_root(), f"controlnet {alias!r}").folder
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    name = config.get("_class_name", "ControlNetModel")
+    return folder, config.get("_class_name", "ControlNetModel")
+
+
+def controlnet_problem(alias: str, name: str, model: str, family: str) -> str:
+    """One line when the ControlNet class `name` is not one the pipeline of `model` (of `family`) takes."""
     if name not in CONTROLNET_CLASSES:
-        raise ValueError(f"controlnets.{alias}: {name} is not supported; use a {' or '.join(CONTROLNET_CLASSES)}")
-    return getattr(diffusers, name).from_pretrained(folder, variant=spec.variant, dtype=dtype).to(device)
+        return f"controlnets.{alias}: {name} is not supported; use a {' or '.join(CONTROLNET_CLASSES)}"
+    if family in CONTROLNET_CLASSES[name]:
+        return ""
+    fits = next(c for c, families in CONTROLNET_CLASSES.items() if family in families)
+    return (
+        f"controlnets.{alias}: a {name} runs on {'/'.join(CONTROLNET_CLASSES[name])} models, but model "
+        f"{model!r} is {family}; set models.{model}.controlnet to the alias of a {fits} folder"
+    )
+
+
+def _controlnet(flow: Flow, alias: str, model: tuple[str, str], dtype: Any, device: str) -> Any:
+    """The ControlNet of a flow alias, as the class its `config.json` names, if the pipeline of `model`
+    (alias, family name) takes it: a wrong pairing fails in one line, not deep in `from_pipe`."""
+    import diffusers
+
+    folder, name = controlnet_folder(flow, alias)
+    problem = controlnet_problem(alias, name, *model)
+    if problem:
+        raise ValueError(problem)
+    variant = flow.controlnets[alias].variant
+    return getattr(diffusers, name).from_pretrained(folder, variant=variant, dtype=dtype).to(device)
 
 
 def scheduler(loaded: LoadedModel, name: str | None, options: dict[str, Any]) -> Any:

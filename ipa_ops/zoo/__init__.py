@@ -178,6 +178,12 @@ def _instantx(path: Path, sizes: ZooSizes) -> None:
     build_instantx(path, sizes)
 
 
+def _sd35_canny(path: Path, sizes: ZooSizes) -> None:
+    from .sd3_controlnet import build_sd35_canny
+
+    build_sd35_canny(path, sizes)
+
+
 def _sd35(path: Path, sizes: ZooSizes) -> None:
     from .sd3 import build_sd35
 
@@ -204,6 +210,7 @@ FAMILY_REPOS: dict[str, tuple[Repo, ...]] = {
         Repo("stabilityai/stable-diffusion-3.5-large", _sd35),
         Repo("InstantX/SD3.5-Large-IP-Adapter", _instantx),
         Repo("google/siglip-so400m-patch14-384", _siglip),
+        Repo("stabilityai/stable-diffusion-3.5-large-controlnet-canny", _sd35_canny),
     ),
 }
 

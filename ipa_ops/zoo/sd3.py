@@ -159,6 +159,26 @@ def sd35_model_index() -> dict[str, Any]:
     }
 
 
+def sd35_text_sizes(sizes: ZooSizes) -> tuple[Any, Any, Any]:
+    """CLIP-L and CLIP-G (with projections) and T5 of the SD3.5 pipeline at `sizes`."""
+    from .flux import flux_sizes
+    from .sizes import TextSizes
+
+    f = flux_sizes(sizes)
+    full = SD3_SIZES[sizes.name] is SD3_FULL
+    clip_l = TextSizes(768, 3072, 12, 12, projection_dim=768) if full else TextSizes(16, 32, 2, 2, projection_dim=16)
+    clip_g = TextSizes(1280, 5120, 32, 20, 1280, "gelu") if full else TextSizes(16, 32, 2, 2, 16, "gelu")
+    t5 = f.t5 if full else type(f.t5)(d_model=clip_l.hidden_size + clip_g.hidden_size, d_ff=64, d_kv=16,
+                                       num_heads=2, num_layers=2, vocab_size=128)  # fmt: skip
+    return clip_l, clip_g, t5
+
+
+def sd35_config(sizes: ZooSizes) -> dict[str, Any]:
+    """The zoo SD3.5 pipeline's `transformer/config.json` at `sizes`."""
+    clip_l, clip_g, t5 = sd35_text_sizes(sizes)
+    return sd35_transformer_config(SD3_SIZES[sizes.name], t5.d_model, clip_l.projection_dim + clip_g.projection_dim)
+
+
 def build_sd35(path: Path, sizes: ZooSizes) -> None:
     """The SD3.5 Large pipeline folder: CLIP-L and CLIP-G (with projections), T5, 16-channel VAE."""
     import torch
@@ -167,17 +187,12 @@ def build_sd35(path: Path, sizes: ZooSizes) -> None:
 
     from .clip import build_text_encoder, write_tokenizer
     from .flux import flux_sizes, scheduler_config, t5_config, vae_config, write_t5_tokenizer
-    from .sizes import TextSizes
 
-    s, f = SD3_SIZES[sizes.name], flux_sizes(sizes)
-    full = s is SD3_FULL
-    clip_l = TextSizes(768, 3072, 12, 12, projection_dim=768) if full else TextSizes(16, 32, 2, 2, projection_dim=16)
-    clip_g = TextSizes(1280, 5120, 32, 20, 1280, "gelu") if full else TextSizes(16, 32, 2, 2, 16, "gelu")
-    t5 = f.t5 if full else type(f.t5)(d_model=clip_l.hidden_size + clip_g.hidden_size, d_ff=64, d_kv=16,
-                                       num_heads=2, num_layers=2, vocab_size=128)  # fmt: skip
+    f = flux_sizes(sizes)
+    clip_l, clip_g, t5 = sd35_text_sizes(sizes)
     write_json(path / "model_index.json", sd35_model_index())
     write_json(path / "scheduler" / "scheduler_config.json", {**scheduler_config(schnell=True), "shift": 3.0})
-    config = sd35_transformer_config(s, t5.d_model, clip_l.projection_dim + clip_g.projection_dim)
+    config = sd35_config(sizes)
     torch.manual_seed(seed_for(f"{SD35_REPO}/transformer"))
     model = SD3Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     save_pretrained(model, path / "transformer", sizes.dtype)

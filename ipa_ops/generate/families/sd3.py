@@ -12,11 +12,14 @@ image per row (diffusers' projection takes one image's tokens), several only whe
 adapter per flow (`ipa validate` refuses a second). img2img and inpaint run on diffusers'
 `StableDiffusion3Img2ImgPipeline` / `StableDiffusion3InpaintPipeline` (both take IP-Adapter
 embeddings), made with `from_pipe`; the flow's LoRAs load with `load_lora_weights` (loras.py).
+ControlNet rows run on `StableDiffusion3ControlNetPipeline` (`from_pipe` with an `SD3ControlNetModel`;
+it takes IP-Adapter embeddings too); its control latents are seeded per row (`seed_control_latents`).
 Region masks are refused (`flux.transformer_task_kwargs`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,7 +94,10 @@ class SD3Family(ClassifierFreeGuidance):
         return guidance_scale > 1
 
     def call_kwargs(self, pipe: Any, rows: Sequence[Any]) -> dict[str, Any]:
-        return {**super().call_kwargs(pipe, rows), **transformer_task_kwargs("SD3.5", rows)}
+        out = {**super().call_kwargs(pipe, rows), **transformer_task_kwargs("SD3.5", rows)}
+        if rows[0].task == "controlnet":
+            seed_control_latents(pipe.vae, [int(r.seed) for r in rows])
+        return out
 
     def ip_call(
         self, pipe: Any, positives: list[torch.Tensor], negatives: list[torch.Tensor], do_cfg: bool
@@ -105,9 +111,47 @@ class SD3Family(ClassifierFreeGuidance):
 
     def end_call(self, pipe: Any) -> None:
         pipe.__dict__.pop("prepare_ip_adapter_image_embeds", None)
+        pipe.vae.__dict__.pop("encode", None)  # (seed_control_latents), if the call never encoded
 
     def expand_layers(self, pipe: Any, blocks: Mapping[str, Any], layer_names: Sequence[str]) -> list[float]:
         return block_scales("SD3.5", "joint", blocks, layer_names)
+
+
+def seed_control_latents(vae: Any, seeds: list[int]) -> None:
+    """Make the VAE's next `encode` (the ControlNet pipeline's, of the control images) sample per row.
+
+    `StableDiffusion3ControlNetPipeline` samples the control image's latents with
+    `vae.encode(image).latent_dist.sample()`: no generator, so torch's global RNG, drawn once for
+    the whole batch. A row would then depend on the rows beside it and on whatever ran before. Here
+    each row's draw is the one `torch.manual_seed(row.seed)` before a call of that row alone gives
+    (the pipeline draws nothing else from the global RNG before it), so a row equals that call
+    and its own run in any batch. One-shot: the first `encode` removes it (`end_call` too), and a
+    `sample(generator)` (img2img's, inpaint's) is left as diffusers draws it.
+    """
+    stock = type(vae).encode
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        vae.__dict__.pop("encode", None)
+        out = stock(vae, x, return_dict=return_dict)
+        if return_dict:
+            posterior = out.latent_dist
+            posterior.sample = functools.partial(_row_seeded_sample, posterior, posterior.sample, seeds)
+        return out
+
+    vae.encode = encode
+
+
+def _row_seeded_sample(posterior: Any, stock: Any, seeds: list[int], generator: Any = None) -> torch.Tensor:
+    """`DiagonalGaussianDistribution.sample`, each row's noise drawn from its own seed (`seed_control_latents`)."""
+    if generator is not None:
+        return stock(generator)
+    rows, mean = len(seeds), posterior.mean
+    noise = torch.empty_like(mean)  # [copies x rows]: CFG's [negative; positive], rows in order in each
+    for b, seed in enumerate(seeds):
+        draw = torch.Generator(mean.device).manual_seed(seed)
+        noise[b::rows] = torch.randn((mean.shape[0] // rows, *mean.shape[1:]), generator=draw,
+                                     device=mean.device, dtype=mean.dtype)  # fmt: skip
+    return mean + posterior.std * noise
 
 
 FAMILY = SD3Family()
