@@ -91,6 +91,8 @@ class Rounds:
     resubmitted: list[int] = field(default_factory=list)  # rows not yet back, at each loss
     redone_keys: set[str] = field(default_factory=set)  # their keys: some were in flight when a worker was lost
     causes: list[str] = field(default_factory=list)
+    redo: str = "made again"  # what happens to the rows not yet back, in the line said at each loss
+    promise: str = "every row is in the results once"  # what still holds, in the faults message
 
     def run(self, rows: list[Any], key: Callable[[Any], str], batches: Callable[[list[Any], bool], Iterable[Any]],
             consume: Callable[[Any], Iterable[str]]) -> None:  # fmt: skip
@@ -119,7 +121,7 @@ class Rounds:
                 self.causes.append(said)
                 self.stream.write(
                     f"{self.stage}: lost a Ray worker ({said}); the {len(left)} row(s) not yet back "
-                    f"are made again on the nodes left (round {self.rounds + 1} of at most {limit})\n"
+                    f"are {self.redo} on the nodes left (round {self.rounds + 1} of at most {limit})\n"
                 )
 
     def nodes_lost(self) -> dict[str, str]:
@@ -135,9 +137,17 @@ class Rounds:
         said = f"{len(lost)} Ray node(s) lost during the run: {', '.join(names)}" if lost else "a Ray worker was lost"
         again = ", ".join(map(str, self.resubmitted))
         line = (f"{self.stage}: {said}; the rows not yet back ({again}) went to a new dataset on the nodes left "
-                f"({self.rounds} dataset round(s)); every row is in the results once")  # fmt: skip
+                f"({self.rounds} dataset round(s)); {self.promise}")  # fmt: skip
         return {"nodes_lost": names, "rounds": self.rounds, "rows_resubmitted": self.resubmitted,
                 "causes": self.causes, "message": line}  # fmt: skip
+
+
+    def report(self) -> dict[str, Any] | None:
+        """`faults()`, its message also said once on the stream: what the stage's summary carries."""
+        faults = self.faults()
+        if faults:
+            self.stream.write(faults["message"] + "\n")
+        return faults
 
 
 def _one_line(exc: BaseException) -> str:
