@@ -41,6 +41,7 @@ from ipa_ops.outputs import scores as score_parts
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.outputs.ledger import read_ledger
 from ipa_ops.outputs.scores import read_records
+from ipa_ops.store.dataset import EmbeddingStore
 
 STARTED = "Ray runtime started."
 ROWS = 24  # twelve batches of two: long enough for the worker's generator (a cold process) to get some
@@ -49,6 +50,7 @@ SCORED_FLOW = REPO / "flows" / "scored.yaml"
 SLOT = "ipa_slot"  # the custom resource each node advertises once: one pinned actor per node
 SCORERS = ("clip_t", "phash", "aesthetic", "nsfw")  # the scorers that need no references
 SCORE_ROWS, SCORE_BATCH, SCORE_SIDE = 24, 2, 512  # twelve batches of two large images: the worker's scorer gets some
+EXTRACT_IMAGES, EXTRACT_BATCH, EXTRACT_SIDE = 24, 2, 512  # the same for the worker's encoder
 
 
 @dataclass
@@ -239,6 +241,51 @@ def test_a_worker_node_killed_mid_score_scores_every_row_once(
     summary = _assert_one_node_lost(run, "score", SCORE_ROWS, out, "every row is scored once")
     assert summary["scored_rows"] == SCORE_ROWS and summary["errors"] == 0
     assert summary["scored"] == dict.fromkeys(SCORERS, SCORE_ROWS)
+
+
+def _images(folder: Path, count: int, side: int) -> list[Path]:
+    """The repository's reference images (the manifest's rows use them) and `count` `side`-pixel noise images."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for ref in sorted((REPO / "data" / "refs").glob("*.png")):
+        shutil.copy(ref, folder / ref.name)
+    for i in range(count):
+        noise = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / f"noise-{i:02d}.png", compress_level=1)
+    return sorted(folder.glob("*.png"))
+
+
+def _assert_stored_once(store_dir: Path, images: list[Path]) -> None:
+    """Each image's embedding in the store's parts as written exactly once (and the unconditional row), readable."""
+    parts = [p for p in store_dir.rglob("part-*.parquet") if "_quarantine" not in p.parts]
+    written = pd.concat([pd.read_parquet(p, columns=["key", "image_sha256", "status"]) for p in parts])
+    assert written["key"].is_unique, written[written["key"].duplicated(keep=False)]
+    images_written = written[~written["key"].str.startswith("uncond/")]
+    assert set(images_written["status"]) == {"ok"} and len(written) == len(images) + 1
+    assert set(images_written["image_sha256"]) == {hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
+    vectors = EmbeddingStore(str(store_dir)).get(list(written["key"]))
+    assert all(bool(v.isfinite().all()) and v.numel() > 0 for v in vectors)
+
+
+def test_a_worker_node_killed_mid_extract_stores_every_embedding_once(
+    two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path
+) -> None:
+    manifest = _manifest(tmp_path / "manifest.csv")
+    pd.read_csv(manifest).head(2).to_csv(manifest, index=False)  # a short generate after: the ledger record
+    images = _images(tmp_path / "images", EXTRACT_IMAGES, EXTRACT_SIDE)
+    sets = [f"ray.address={two_nodes.address}", f"stages.extract.images={tmp_path / 'images'}",
+            "stages.extract.resources.actors=2", "stages.extract.resources.num_cpus=0.5",
+            f"stages.extract.resources.batch_size={EXTRACT_BATCH}",
+            f"stages.extract.resources.custom_resources={{{SLOT}: 1}}"]  # fmt: skip
+    store = tmp_path / "store"
+    run = _run_killing_the_worker(two_nodes, _command(tmp_path, zoo_dir, *sets), "EncodeActor",
+                                  lambda: len(EmbeddingStore(str(store)).keys()) if store.exists() else 0)  # fmt: skip
+    _assert_stored_once(store, images)
+    summary = _assert_one_node_lost(run, "extract", len(images), tmp_path / "out",
+                                    "every embedding is in the store once")  # fmt: skip
+    assert summary["vit-h"] == {"new": len(images), "stored": 0, "failed": 0, "no_face": 0}  # each counted once
+    gen = json.loads(run.stdout.split("generate: ", 1)[1].splitlines()[0])
+    assert gen["ok"] == 2 and "faults" not in gen  # the run went on, on the head alone
 
 
 class _LosesItsActor:

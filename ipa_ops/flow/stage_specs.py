@@ -40,6 +40,7 @@ class ExtractResources(Resources):
         "actors. InsightFace encoders analyse one image at a time whatever this says. On a CPU-only machine one "
         "actor holding every core, with one call per core, starts once and beats one single-threaded actor per core.",
     )
+    custom_resources: dict[str, float] = custom_resources_field("encoder")
 
 
 class ExtractStage(Strict):

@@ -57,9 +57,17 @@ def alive_nodes() -> dict[str, str]:
     return {n["NodeID"]: str(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")}
 
 
-def pool(actors: int, first: bool) -> ray.data.ActorPoolStrategy:
+def pool(actors: int, first: bool, **options: Any) -> ray.data.ActorPoolStrategy:
     """The first dataset's pool has the size asked for; later ones start with what fits (1..actors)."""
-    return ray.data.ActorPoolStrategy(size=actors) if first else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+    sizes: dict[str, int] = {"size": actors} if first else {"min_size": 1, "max_size": actors}
+    return ray.data.ActorPoolStrategy(**sizes, **options)
+
+
+def on_driver_node() -> Any:
+    """Where a run's shared little actors (the stop flag, extract's claims) live: losing another node keeps them."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @contextlib.contextmanager
