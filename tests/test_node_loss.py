@@ -351,6 +351,26 @@ def test_score_rounds_score_only_the_rows_not_yet_back_and_keep_what_came_back(
     _assert_scored_once(out, keys)
 
 
+def test_extract_claims_are_idempotent_per_input_and_an_input_is_back_with_its_face_crops(ray_local: None) -> None:
+    import pickle
+
+    from ipa_ops.stages.extract_inputs import CROP_SUFFIX, Arrivals, claim, claims_on_driver_node
+
+    claims = claims_on_driver_node({"stored"})
+    assert claim(claims, ["stored", "k", "k"], ["a", "a", "b"]) == [False, True, False]  # b: a copy of a's image
+    assert claim(claims, ["k", "k"], ["a", "b"]) == [True, False]  # a retried task or a new round asks again
+    face = {"uri": "a", "origin": "", "state": "done", "encoder": "faces",
+            "result": pickle.dumps([{"key": "f", "crop_sha256": "c" * 64}])}  # fmt: skip
+    clip, crop = {**face, "encoder": "vit-h", "result": b""}, {**face, "uri": "a" + CROP_SUFFIX, "origin": "faces"}
+    arrivals = Arrivals(encoders=2, crop_encoders=1)
+    assert [arrivals.add(j) for j in (face, clip, crop)] == [None, None, "a"]  # back once its crop's job is
+    arrivals = Arrivals(encoders=2, crop_encoders=1)
+    assert [arrivals.add(j) for j in (crop, clip, face)] == [None, None, "a"]  # in any order
+    arrivals.clear()
+    no_face = {**face, "result": pickle.dumps([{"key": "f", "crop_sha256": None}])}
+    assert [arrivals.add(j) for j in ({**clip, "uri": "b"}, {**no_face, "uri": "b"})] == [None, "b"]
+
+
 def test_only_lost_workers_start_a_new_round_and_rows_back_are_never_made_again(ray_local: None) -> None:
     from ray.exceptions import ActorDiedError, RayTaskError
 

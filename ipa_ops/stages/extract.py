@@ -270,7 +270,7 @@ def run_extract(
         live.append(iter(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
         return live[-1]
 
-    rounds = recovery.Rounds("extract", progress.stream, redo="read and encoded again",
+    rounds = recovery.Rounds("extract", progress.stream, unit="image", redo="read and encoded again",
                              promise="every embedding is in the store once")  # fmt: skip
     try:
         rounds.run(uris, str, batches, consume)

@@ -99,6 +99,7 @@ class Rounds:
     resubmitted: list[int] = field(default_factory=list)  # rows not yet back, at each loss
     redone_keys: set[str] = field(default_factory=set)  # their keys: some were in flight when a worker was lost
     causes: list[str] = field(default_factory=list)
+    unit: str = "row"  # what `rows` are, in the lines said
     redo: str = "made again"  # what happens to the rows not yet back, in the line said at each loss
     promise: str = "every row is in the results once"  # what still holds, in the faults message
 
@@ -128,7 +129,7 @@ class Rounds:
                 self.redone_keys.update(key(r) for r in left)
                 self.causes.append(said)
                 self.stream.write(
-                    f"{self.stage}: lost a Ray worker ({said}); the {len(left)} row(s) not yet back "
+                    f"{self.stage}: lost a Ray worker ({said}); the {len(left)} {self.unit}(s) not yet back "
                     f"are {self.redo} on the nodes left (round {self.rounds + 1} of at most {limit})\n"
                 )
 
@@ -144,8 +145,8 @@ class Rounds:
         names = [f"{address} (node {node[:12]})" for node, address in sorted(lost.items())]
         said = f"{len(lost)} Ray node(s) lost during the run: {', '.join(names)}" if lost else "a Ray worker was lost"
         again = ", ".join(map(str, self.resubmitted))
-        line = (f"{self.stage}: {said}; the rows not yet back ({again}) went to a new dataset on the nodes left "
-                f"({self.rounds} dataset round(s)); {self.promise}")  # fmt: skip
+        line = (f"{self.stage}: {said}; the {self.unit}s not yet back ({again}) went to a new dataset on the nodes "
+                f"left ({self.rounds} dataset round(s)); {self.promise}")  # fmt: skip
         return {"nodes_lost": names, "rounds": self.rounds, "rows_resubmitted": self.resubmitted,
                 "causes": self.causes, "message": line}  # fmt: skip
 

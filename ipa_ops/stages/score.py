@@ -8,6 +8,9 @@
 Resumable: a (row key, scorer id) pair with a score is never scored again, so a rerun scores
 nothing new and adding a scorer runs only that scorer. A row a scorer fails on gets an `error`
 record (one line naming the row) and is tried again by the next run; the other rows go on.
+A lost node or actor (stages/recovery.py): the rows not yet back are scored again on the nodes
+left, and every row's records are written once; records that came back before any other failure
+are still committed.
 """
 
 from __future__ import annotations
