@@ -4,8 +4,8 @@
     ─► CLIP encoder pools (also fed the aligned face crops) ─► driver: rows -> store parts
 
 With GPU pools, decoding runs in CPU tasks on the CPUs the pools leave free. With CPU pools the
-decode step gets the pools' resources, so Ray Data fuses it into the first pool's actors and no
-decoded pixels cross processes. Each actor works on `calls_per_actor` batches at once, in threads:
+first pool's actors decode their own batches (`DecodingEncodeActor`), so no decoded pixels cross
+processes. Each actor works on `calls_per_actor` batches at once, in threads:
 on a CPU-only machine one actor holding every core decodes and encodes on all of them and pays
 the start-up (a process, torch, transformers, the weights) once instead of once per core.
 
@@ -209,6 +209,21 @@ class EncodeActor:
         ]
 
 
+class DecodingEncodeActor(EncodeActor):
+    """CPU pools: the first encoder's actor reads and decodes its own batch of inputs (`decode_batch`), then encodes.
+
+    Ray Data would fuse a decode task into the actor only if their remote args matched, and tasks
+    cannot take the pools' `max_restarts=0`; doing it here keeps decoded pixels in the process.
+    """
+
+    def __init__(self, decode: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decode = decode
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return super().__call__(decode_batch(batch, self.claims, **self.decode))
+
+
 def _shape(fields: dict[str, Any]) -> dict[str, list[int]]:
     return {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
 
@@ -305,29 +320,28 @@ def _stages(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, str
             clips: dict[str, str], claims: Any, unconds: set[str], first: bool) -> ray.data.Dataset:  # fmt: skip
     res = stage.resources
     gpus = gpus_per_actor(res.num_gpus)
+    blocks = max(1, len(uris) // max(res.batch_size, DECODE_BATCH))  # per-block overhead is paid per block
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
     if gpus:  # GPU pools: decoding runs in CPU tasks on the CPUs the pools leave free
         free = float(ray.cluster_resources().get("CPU", 1)) - len(ids) * res.actors * res.num_cpus
         cap = None if free >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
-        decode = {"num_cpus": 1.0 if free >= 1 else max(0.0, free), "compute": ray.data.TaskPoolStrategy(size=cap)}
-    else:  # CPU pools: the same remote args, so Ray Data fuses decoding into the first pool's actors (no pixel copies)
-        decode = {"num_cpus": res.num_cpus, "compute": ray.data.TaskPoolStrategy(size=res.actors), "max_restarts": 0,
-                  **custom_resources(res.custom_resources)}  # fmt: skip
-    blocks = max(1, len(uris) // max(res.batch_size, DECODE_BATCH))  # per-block overhead is paid per block
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=DECODE_BATCH,
-        batch_format="pyarrow",
-        fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
-        **decode,
-    )
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=DECODE_BATCH,
+            batch_format="pyarrow",
+            fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
+            num_cpus=1.0 if free >= 1 else max(0.0, free),
+            compute=ray.data.TaskPoolStrategy(size=cap),
+        )  # a task Ray retries claims what it claimed before (extract_inputs.py): retries are safe
     # GPU actors: one batch at a time unless asked (concurrent forwards multiply activation memory)
     calls = res.calls_per_actor or (1 if gpus else max(1, int(res.num_cpus)))
-    for alias in sorted(ids, key=lambda a: kinds[a] != "face"):  # faces first: their crops feed CLIP pools
+    for n, alias in enumerate(sorted(ids, key=lambda a: kinds[a] != "face")):  # faces first: crops feed CLIP pools
         spec = flow.encoders[alias]
+        decodes = not gpus and n == 0  # CPU pools: the first pool's actors decode, so no pixels cross processes
         ds = ds.map_batches(
-            EncodeActor,
+            DecodingEncodeActor if decodes else EncodeActor,
             fn_constructor_kwargs={
+                **({"decode": {"encoders": ids, "max_pixels": stage.max_pixels}} if decodes else {}),
                 "alias": alias,
                 "spec_json": spec.model_dump_json(),
                 "mirror": flow.mirror_root(),
