@@ -276,7 +276,8 @@ def test_a_worker_node_killed_mid_extract_stores_every_embedding_once(
     sets = [f"ray.address={two_nodes.address}", f"stages.extract.images={tmp_path / 'images'}",
             "stages.extract.resources.actors=2", "stages.extract.resources.num_cpus=0.5",
             f"stages.extract.resources.batch_size={EXTRACT_BATCH}",
-            f"stages.extract.resources.custom_resources={{{SLOT}: 1}}"]  # fmt: skip
+            f"stages.extract.resources.custom_resources={{{SLOT}: 1}}",
+            "stages.generate.resources.num_cpus=0.5"]  # fmt: skip  # generate fits the head left
     store = tmp_path / "store"
     run = _run_killing_the_worker(two_nodes, _command(tmp_path, zoo_dir, *sets), "EncodeActor",
                                   lambda: len(EmbeddingStore(str(store)).keys()) if store.exists() else 0)  # fmt: skip

@@ -260,7 +260,7 @@ def run_extract(
     faces = [ids[a] for a in ids if kinds[a] == "face"]
     claims = claims_on_driver_node(committer.done - faces_missing_crops(store, faces, list(clips.values())))
     progress = Progress("extract", len(uris) * len(ids), unit="images")
-    wanted, arrivals, live = set(uris), Arrivals(len(ids), len(clips)), []
+    wanted, arrivals = set(uris), Arrivals(len(ids), len(clips))
     earlier: set[tuple[str, str, str]] = set()  # jobs collected by a dataset before: their rows are in already
     this_round: set[tuple[str, str, str]] = set()
 
@@ -282,8 +282,7 @@ def run_extract(
         arrivals.clear()
         unconds = {k for k in committer.done if k.startswith("uncond/")}  # stored, or made this run
         ds = _pipeline(flow, stage, left, ids, kinds, clips, claims, unconds, first)
-        live.append(iter(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-        return live[-1]
+        return ds.iter_batches(batch_format="pyarrow", batch_size=None)  # closed by `rounds` when it fails
 
     rounds = recovery.Rounds("extract", progress.stream, unit="image", redo="read and encoded again",
                              promise="every embedding is in the store once")  # fmt: skip
@@ -291,8 +290,6 @@ def run_extract(
         rounds.run(uris, str, batches, consume)
         faults = rounds.faults()  # while Ray is up
     finally:
-        for batch_iter in live:
-            getattr(batch_iter, "close", lambda: None)()  # stops the pipeline at once when the driver fails
         committer.flush()  # whatever arrived is kept, even when the run fails half-way
         progress.close()
         ray.kill(claims)

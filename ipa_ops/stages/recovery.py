@@ -110,8 +110,9 @@ class Rounds:
         while left:
             self.rounds += 1
             done: set[str] = set()
+            batch_iter = iter(batches(left, self.rounds == 1))
             try:
-                for batch in batches(left, self.rounds == 1):
+                for batch in batch_iter:
                     done.update(consume(batch))
                 return
             except Exception as exc:
@@ -120,18 +121,21 @@ class Rounds:
                 if cause is None or self.rounds >= limit or not left:
                     raise
                 said = _one_line(cause)
-                # the failed dataset's actors go once nothing refers to them (Ray Data drops its references
-                # and lets them finish their tasks); a cycle through the error's traceback could keep them,
-                # and what they hold (a GPU, a custom resource), alive: drop it before the next dataset asks
                 del exc, cause
-                gc.collect()
-                self.resubmitted.append(len(left))
-                self.redone_keys.update(key(r) for r in left)
-                self.causes.append(said)
-                self.stream.write(
-                    f"{self.stage}: lost a Ray worker ({said}); the {len(left)} {self.unit}(s) not yet back "
-                    f"are {self.redo} on the nodes left (round {self.rounds + 1} of at most {limit})\n"
-                )
+            finally:  # a dataset the driver failed on stops at once; one that failed is done with
+                getattr(batch_iter, "close", lambda: None)()
+                del batch_iter
+            # the failed dataset's actors go once nothing refers to them (Ray Data drops its references
+            # and lets them finish their tasks); a cycle through the error's traceback, or its iterator,
+            # could keep them, and what they hold (a GPU, a custom resource), alive: drop both first
+            gc.collect()
+            self.resubmitted.append(len(left))
+            self.redone_keys.update(key(r) for r in left)
+            self.causes.append(said)
+            self.stream.write(
+                f"{self.stage}: lost a Ray worker ({said}); the {len(left)} {self.unit}(s) not yet back "
+                f"are {self.redo} on the nodes left (round {self.rounds + 1} of at most {limit})\n"
+            )
 
     def nodes_lost(self) -> dict[str, str]:
         now = alive_nodes()
