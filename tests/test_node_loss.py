@@ -3,15 +3,16 @@
 The head and a second node (`ray start --address`) each run in a process group of their own
 (tests/ray_nodes.py), under Ray's token authentication with a token made for the test (so
 `~/.ray/auth_token` and any other Ray on the machine play no part), in a temp folder of their own.
-Each node advertises one `ipa_gen` resource and the generator actors need one each, so one
-generator runs on each node. Once the worker node's generator is making a batch, the worker node
-(its process group and every process its raylet started, the generator among them) is SIGKILLed,
-as a lost machine would be. The run must finish on the head alone with every row exactly once
-`ok`, every file readable, and a ledger record saying what was lost.
+Each node advertises one `ipa_slot` resource and the stage's actors (generators, scorers) need one
+each, so one runs on each node. Once the worker node's actor is working on a batch, the worker node
+(its process group and every process its raylet started, the actor among them) is SIGKILLed, as a
+lost machine would be. The run must finish on the head alone with every row exactly once `ok`
+(generate) or every row's scores recorded once (score), and a ledger record saying what was lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,24 +20,37 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from ray_nodes import free_port, node_processes, start_node, stop_group
 from test_stop import REPO, _command, _env, _manifest, assert_everything_reads
 
 from ipa_ops.cli import main
+from ipa_ops.flow.spec import load_flow
+from ipa_ops.outputs import scores as score_parts
 from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.outputs.ledger import read_ledger
+from ipa_ops.outputs.scores import read_records
+from ipa_ops.store.dataset import EmbeddingStore
 
 STARTED = "Ray runtime started."
 ROWS = 24  # twelve batches of two: long enough for the worker's generator (a cold process) to get some
 NODE = r"\S+ \(node [0-9a-f]{12}\)"  # how a lost node is named: its address and id
+SCORED_FLOW = REPO / "flows" / "scored.yaml"
+SLOT = "ipa_slot"  # the custom resource each node advertises once: one pinned actor per node
+SCORERS = ("clip_t", "phash", "aesthetic", "nsfw")  # the scorers that need no references
+SCORE_ROWS, SCORE_BATCH, SCORE_SIDE = 24, 2, 512  # twelve batches of two large images: the worker's scorer gets some
+EXTRACT_IMAGES, EXTRACT_BATCH, EXTRACT_SIDE = 24, 2, 512  # the same for the worker's encoder
 
 
 @dataclass
@@ -45,6 +59,15 @@ class TwoNodes:
     env: dict[str, str]  # what every process of this cluster (the driver too) runs with
     head: subprocess.Popen
     worker: subprocess.Popen
+
+
+@dataclass
+class Killed:
+    """A run whose worker node was killed mid-way: what it printed, and how much it had committed by then."""
+
+    stdout: str
+    stderr: str
+    killed_with: int
 
 
 def _node_env(temp: str, token: str) -> dict[str, str]:
@@ -71,7 +94,7 @@ def two_nodes() -> Iterator[TwoNodes]:
         "RAY_health_check_failure_threshold": "3",
     }
     port = free_port()
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", '--resources={"ipa_gen": 1}']
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f'--resources={{"{SLOT}": 1}}']
     common += ["--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"]
     head_args = ["start", "--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}"]
     head_args += [f"--ray-client-server-port={free_port()}", *common]
@@ -90,35 +113,27 @@ def two_nodes() -> Iterator[TwoNodes]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _generating_on(node: subprocess.Popen) -> bool:
-    """Whether a generator actor on the node is making a batch now (Ray titles an actor's process after its
-    class, `ray::MapWorker(MapBatches(GeneratorActor))`, with `.submit` while a batch runs)."""
-    return any("GeneratorActor)).submit" in cmd for _, cmd in node_processes(node.pid))
+def _busy_on(node: subprocess.Popen, actor: str) -> bool:
+    """Whether an `actor` actor on the node is working on a batch now (Ray titles an actor's process after
+    its class, `ray::MapWorker(MapBatches(GeneratorActor))`, with `.submit` while a batch runs)."""
+    return any(f"{actor})).submit" in cmd for _, cmd in node_processes(node.pid))
 
 
-def test_a_worker_node_killed_mid_run_loses_no_row(
-    two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    manifest = _manifest(tmp_path / "manifest.csv")
-    pd.read_csv(manifest).head(ROWS).to_csv(manifest, index=False)
-    out = tmp_path / "out"
-    sets = [f"ray.address={two_nodes.address}", "stages.generate.resources.actors=2",
-            "stages.generate.resources.num_cpus=0.5", "stages.generate.resources.torch_threads=1",
-            "stages.generate.resources.custom_resources={ipa_gen: 1}",
-            "stages.generate.defaults.steps=6"]  # fmt: skip  # slow enough rows: the worker gets some
-    command = _command(tmp_path, zoo_dir, *sets)
-    proc = subprocess.Popen(command, env=two_nodes.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _run_killing_the_worker(nodes: TwoNodes, command: list[str], actor: str, back: Callable[[], int]) -> Killed:
+    """`command` on the cluster; once the worker node's `actor` is busy, the worker node SIGKILLed (as a machine
+    that is gone), and the run waited for. `back()` counts what the run had committed at the kill."""
+    proc = subprocess.Popen(command, env=nodes.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 150
         while proc.poll() is None and time.monotonic() < deadline:
-            if _generating_on(two_nodes.worker):
+            if _busy_on(nodes.worker, actor):
                 break  # mid-run, with a batch in flight on the worker node
             time.sleep(0.2)
         assert proc.poll() is None, f"the run ended before the node could be killed: {proc.communicate()}"
-        assert _generating_on(two_nodes.worker), f"worker not generating: {node_processes(two_nodes.worker.pid)}"
-        stop_group(two_nodes.worker, term_grace=0)  # SIGKILL: as a machine that is gone
-        killed_with = len(OutputDir(str(out)).read_results())  # rows committed before the kill
+        assert _busy_on(nodes.worker, actor), f"worker's {actor} not busy: {node_processes(nodes.worker.pid)}"
+        stop_group(nodes.worker, term_grace=0)
+        killed_with = back()
         try:
             stdout, stderr = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -130,24 +145,231 @@ def test_a_worker_node_killed_mid_run_loses_no_row(
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, stderr[-4000:]
-    assert killed_with < ROWS
+    return Killed(stdout, stderr, killed_with)
+
+
+def _assert_one_node_lost(run: Killed, stage: str, total: int, out: Path, promise: str) -> dict[str, Any]:
+    """The stage's summary, its `faults` naming the one node lost, the same line on stderr and in the ledger."""
+    summary = json.loads(run.stdout.split(f"{stage}: ", 1)[1].splitlines()[0])
+    faults = summary["faults"]
+    assert len(faults["nodes_lost"]) == 1 and re.fullmatch(NODE, faults["nodes_lost"][0])
+    assert faults["rounds"] >= 2 and 0 < faults["rows_resubmitted"][0] <= total - run.killed_with  # the lost batch too
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{stage}: 1 Ray node(s) lost")]
+    assert lines == [faults["message"]], run.stderr[-3000:]
+    assert lines[0].endswith(promise)
+    assert f"{stage}: lost a Ray worker (" in run.stderr
+    (record,) = read_ledger(str(out))
+    assert record["status"] == "ok" and record["faults"] == lines
+    assert record["counts"][stage]["faults"]["nodes_lost"] == faults["nodes_lost"]
+    assert not os.path.exists(out / "_lease.json")
+    return summary
+
+
+def test_a_worker_node_killed_mid_run_loses_no_row(
+    two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path / "manifest.csv")
+    pd.read_csv(manifest).head(ROWS).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    sets = [f"ray.address={two_nodes.address}", "stages.generate.resources.actors=2",
+            "stages.generate.resources.num_cpus=0.5", "stages.generate.resources.torch_threads=1",
+            f"stages.generate.resources.custom_resources={{{SLOT}: 1}}",
+            "stages.generate.defaults.steps=6"]  # fmt: skip  # slow enough rows: the worker gets some
+    run = _run_killing_the_worker(two_nodes, _command(tmp_path, zoo_dir, *sets), "GeneratorActor",
+                                  lambda: len(OutputDir(str(out)).read_results()))  # fmt: skip
+    assert run.killed_with < ROWS
     results = assert_everything_reads(out)
     assert sorted(results["id"]) == [f"r{i:02d}" for i in range(ROWS)]  # every row exactly once
     assert set(results["status"]) == {"ok"}
-
-    gen = json.loads(stdout.split("generate: ", 1)[1].splitlines()[0])
-    faults = gen["faults"]
-    assert gen["ok"] == ROWS and len(faults["nodes_lost"]) == 1 and re.fullmatch(NODE, faults["nodes_lost"][0])
-    assert faults["rounds"] >= 2 and 0 < faults["rows_resubmitted"][0] <= ROWS - killed_with  # the lost batch too
-    lines = [line for line in stderr.splitlines() if line.startswith("generate: 1 Ray node(s) lost")]
-    assert lines == [faults["message"]], stderr[-3000:]
-    assert "every row is in the results once" in lines[0]
-    (record,) = read_ledger(str(out))
-    assert record["status"] == "ok" and record["faults"] == lines
-    assert record["counts"]["generate"]["faults"]["nodes_lost"] == faults["nodes_lost"]
-    assert not os.path.exists(out / "_lease.json")
+    gen = _assert_one_node_lost(run, "generate", ROWS, out, "every row is in the results once")
+    assert gen["ok"] == ROWS
     assert main(["runs", "ls", str(out)]) == 0  # what a person looks at first
-    assert capsys.readouterr().out.rstrip().endswith(lines[0])
+    assert capsys.readouterr().out.rstrip().endswith(gen["faults"]["message"])
+
+
+def _scorable_output(out: Path, rows: int, side: int) -> list[str]:
+    """An output of `rows` ok rows, each a `side`-pixel PNG of seeded noise (made here, not generated, so
+    the test pays only for scoring, and large enough that a batch takes a while): their row keys."""
+    folder, rng = OutputDir(str(out)), np.random.default_rng(0)
+    made = []
+    for i in range(rows):
+        key = hashlib.sha256(f"r{i:02d}".encode()).hexdigest()[:20]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+        made.append({"id": f"r{i:02d}", "row_key": key, "status": "ok", "prompt": f"picture {i}", "seed": i,
+                     "outputs": [folder.write_bytes_atomic(folder.image_path(key), buf.getvalue())],
+                     "finished_at": pd.Timestamp.now(tz="UTC")})  # fmt: skip
+    folder.append_results(made)
+    return [r["row_key"] for r in made]
+
+
+def _score_sets(zoo: Path, out: Path, *extra: str) -> list[str]:
+    """flows/scored.yaml's score stage on `out`, with the scorers that need no references; a part per batch."""
+    return [f"mirror={zoo}", f"stages.generate.output={out}", f"stages.score.output={out}",
+            f"stages.score.scorers={{{', '.join(f'{s}: {{}}' for s in SCORERS)}}}",
+            f"stages.score.resources.batch_size={SCORE_BATCH}", "stages.score.commit_rows=1", *extra]  # fmt: skip
+
+
+def _score_command(zoo: Path, out: Path, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "ipa_ops.cli", "run", str(SCORED_FLOW), "--stage", "score"]
+    return argv + [a for s in _score_sets(zoo, out, *extra) for a in ("--set", s)]
+
+
+def _assert_scored_once(out: Path, keys: list[str]) -> None:
+    """Every row has one record per metric of every scorer in the parts as written (`read_records` would hide
+    a duplicate: it keeps the latest), and no error."""
+    records = pd.concat([pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet"))])
+    assert set(records["row_key"]) == set(keys) and score_parts.ERROR not in set(records["metric"])
+    assert set(records["name"]) == set(SCORERS)
+    per_row = records.groupby(["row_key", "metric"]).size()
+    assert set(per_row) == {1}, per_row[per_row > 1]  # each score record written once
+    assert len(per_row) == len(keys) * records["metric"].nunique()
+
+
+def test_a_worker_node_killed_mid_score_scores_every_row_once(
+    two_nodes: TwoNodes, tmp_path: Path, scorer_zoo: Path
+) -> None:
+    out = tmp_path / "out"
+    keys = _scorable_output(out, SCORE_ROWS, SCORE_SIDE)
+    sets = [f"ray.address={two_nodes.address}", "stages.score.resources.actors=2",
+            "stages.score.resources.num_cpus=0.5",
+            f"stages.score.resources.custom_resources={{{SLOT}: 1}}"]  # fmt: skip
+    run = _run_killing_the_worker(two_nodes, _score_command(scorer_zoo, out, *sets), "ScorerActor",
+                                  lambda: read_records(str(out))["row_key"].nunique())  # fmt: skip
+    assert run.killed_with < SCORE_ROWS
+    _assert_scored_once(out, keys)
+    summary = _assert_one_node_lost(run, "score", SCORE_ROWS, out, "every row is scored once")
+    assert summary["scored_rows"] == SCORE_ROWS and summary["errors"] == 0
+    assert summary["scored"] == dict.fromkeys(SCORERS, SCORE_ROWS)
+
+
+def _images(folder: Path, count: int, side: int) -> list[Path]:
+    """The repository's reference images (the manifest's rows use them) and `count` `side`-pixel noise images."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for ref in sorted((REPO / "data" / "refs").glob("*.png")):
+        shutil.copy(ref, folder / ref.name)
+    for i in range(count):
+        noise = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / f"noise-{i:02d}.png", compress_level=1)
+    return sorted(folder.glob("*.png"))
+
+
+def _assert_stored_once(store_dir: Path, images: list[Path]) -> None:
+    """Each image's embedding in the store's parts as written exactly once (and the unconditional row), readable."""
+    parts = [p for p in store_dir.rglob("part-*.parquet") if "_quarantine" not in p.parts]
+    written = pd.concat([pd.read_parquet(p, columns=["key", "image_sha256", "status"]) for p in parts])
+    assert written["key"].is_unique, written[written["key"].duplicated(keep=False)]
+    images_written = written[~written["key"].str.startswith("uncond/")]
+    assert set(images_written["status"]) == {"ok"} and len(written) == len(images) + 1
+    assert set(images_written["image_sha256"]) == {hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
+    vectors = EmbeddingStore(str(store_dir)).get(list(written["key"]))
+    assert all(bool(v.isfinite().all()) and v.numel() > 0 for v in vectors)
+
+
+def test_a_worker_node_killed_mid_extract_stores_every_embedding_once(
+    two_nodes: TwoNodes, tmp_path: Path, zoo_dir: Path
+) -> None:
+    manifest = _manifest(tmp_path / "manifest.csv")
+    pd.read_csv(manifest).head(2).to_csv(manifest, index=False)  # a short generate after: the ledger record
+    images = _images(tmp_path / "images", EXTRACT_IMAGES, EXTRACT_SIDE)
+    sets = [f"ray.address={two_nodes.address}", f"stages.extract.images={tmp_path / 'images'}",
+            "stages.extract.resources.actors=2", "stages.extract.resources.num_cpus=0.5",
+            f"stages.extract.resources.batch_size={EXTRACT_BATCH}",
+            f"stages.extract.resources.custom_resources={{{SLOT}: 1}}",
+            "stages.generate.resources.num_cpus=0.5"]  # fmt: skip  # generate fits the head left
+    store = tmp_path / "store"
+    run = _run_killing_the_worker(two_nodes, _command(tmp_path, zoo_dir, *sets), "EncodeActor",
+                                  lambda: len(EmbeddingStore(str(store)).keys()) if store.exists() else 0)  # fmt: skip
+    _assert_stored_once(store, images)
+    summary = _assert_one_node_lost(run, "extract", len(images), tmp_path / "out",
+                                    "every embedding is in the store once")  # fmt: skip
+    assert summary["vit-h"] == {"new": len(images), "stored": 0, "failed": 0, "no_face": 0}  # each counted once
+    gen = json.loads(run.stdout.split("generate: ", 1)[1].splitlines()[0])
+    assert gen["ok"] == 2 and "faults" not in gen  # the run went on, on the head alone
+
+
+class _LosesItsActor:
+    """Stands in for the scorer pool's dataset, with the real ScorerActor in this process, batch by batch: the
+    first dataset fails after two batches, with `cause` (a lost actor, or a bug), as a dead node's would."""
+
+    def __init__(self, actor: Any, rows: list[dict[str, Any]], first: bool, cause: BaseException) -> None:
+        self.actor, self.rows, self.first, self.cause = actor, rows, first, cause
+
+    def iter_batches(self, batch_size: int, batch_format: str) -> Iterator[dict[str, Any]]:
+        for n, start in enumerate(range(0, len(self.rows), batch_size)):
+            if self.first and n == 2:
+                raise RuntimeError("the dataset stopped") from self.cause
+            chunk = self.rows[start : start + batch_size]
+            yield self.actor({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+
+
+def _lose_an_actor(monkeypatch: pytest.MonkeyPatch, cause: BaseException) -> None:
+    """The score stage's first dataset fails after two batches with `cause`; the later ones finish."""
+    from ipa_ops.stages import score
+
+    def pipeline(flow: Any, stage: Any, store: Any, output: str, rows: list, actor_cls: type, first: bool) -> Any:
+        actor = actor_cls(flow.model_dump_json(), stage.model_dump_json(), store, output, False)
+        return _LosesItsActor(actor, rows, first, cause)
+
+    monkeypatch.setattr(score, "_pipeline", pipeline)
+
+
+def _score(zoo: Path, out: Path) -> dict[str, Any]:
+    from ipa_ops.stages.score import run_score
+
+    flow = load_flow(SCORED_FLOW, _score_sets(zoo, out))
+    assert flow.stages.score is not None
+    return run_score(flow, flow.stages.score)
+
+
+def test_score_rounds_score_only_the_rows_not_yet_back_and_keep_what_came_back(
+    ray_local: None, tmp_path: Path, scorer_zoo: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ray.exceptions import ActorDiedError
+
+    out = tmp_path / "lost" / "out"
+    keys = _scorable_output(out, 7, 64)
+    _lose_an_actor(monkeypatch, ActorDiedError())
+    summary = _score(scorer_zoo, out)
+    faults = summary["faults"]
+    assert summary["scored_rows"] == 7 and faults["rounds"] == 2 and faults["rows_resubmitted"] == [3]
+    assert faults["nodes_lost"] == [] and faults["message"].startswith("score: a Ray worker was lost; the rows not ")
+    err = capsys.readouterr().err
+    assert "score: lost a Ray worker (ActorDiedError" in err and "the 3 row(s) not yet back are scored again" in err
+    assert err.rstrip().endswith(faults["message"]) and faults["message"].endswith("every row is scored once")
+    _assert_scored_once(out, keys)
+
+    out = tmp_path / "bug" / "out"  # not a lost worker: the stage fails, keeping the 4 rows it had back
+    keys = _scorable_output(out, 7, 64)
+    _lose_an_actor(monkeypatch, ValueError("a bug"))
+    with pytest.raises(RuntimeError, match="the dataset stopped"):
+        _score(scorer_zoo, out)
+    assert read_records(str(out))["row_key"].nunique() == 4
+    again = _score(scorer_zoo, out)  # 3 rows: one dataset of two batches, which does not fail
+    assert again["scored_rows"] == 3 and "faults" not in again  # the next run scores only the rest
+    _assert_scored_once(out, keys)
+
+
+def test_extract_claims_are_idempotent_per_input_and_an_input_is_back_with_its_face_crops(ray_local: None) -> None:
+    import pickle
+
+    from ipa_ops.stages.extract_inputs import CROP_SUFFIX, Arrivals, claim, claims_on_driver_node
+
+    claims = claims_on_driver_node({"stored"})
+    assert claim(claims, ["stored", "k", "k"], ["a", "a", "b"]) == [False, True, False]  # b: a copy of a's image
+    assert claim(claims, ["k", "k"], ["a", "b"]) == [True, False]  # a retried task or a new round asks again
+    face = {"uri": "a", "origin": "", "state": "done", "encoder": "faces",
+            "result": pickle.dumps([{"key": "f", "crop_sha256": "c" * 64}])}  # fmt: skip
+    clip, crop = {**face, "encoder": "vit-h", "result": b""}, {**face, "uri": "a" + CROP_SUFFIX, "origin": "faces"}
+    arrivals = Arrivals(encoders=2, crop_encoders=1)
+    assert [arrivals.add(j) for j in (face, clip, crop)] == [None, None, "a"]  # back once its crop's job is
+    arrivals = Arrivals(encoders=2, crop_encoders=1)
+    assert [arrivals.add(j) for j in (crop, clip, face)] == [None, None, "a"]  # in any order
+    arrivals.clear()
+    no_face = {**face, "result": pickle.dumps([{"key": "f", "crop_sha256": None}])}
+    assert [arrivals.add(j) for j in ({**clip, "uri": "b"}, {**no_face, "uri": "b"})] == [None, "b"]
 
 
 def test_only_lost_workers_start_a_new_round_and_rows_back_are_never_made_again(ray_local: None) -> None:

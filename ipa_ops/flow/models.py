@@ -16,6 +16,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def custom_resources_field(actor: str) -> Any:
+    """A stage's `resources.custom_resources`: pins its `actor` actors to the nodes that advertise them."""
+    return Field(
+        default_factory=dict,
+        description=f"Ray custom resources each {actor} actor needs, e.g. `{{a100: 1}}`: actors go only to nodes "
+        "started with them (`ray start --resources`). Empty: none.",
+    )
+
+
 DType = Literal["float16", "bfloat16", "float32"]
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "pndm", "unipc"]
 # name -> diffusers class; each is built with `from_config(<the model's own scheduler config>)`

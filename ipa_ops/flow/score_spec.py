@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ipa_ops.flow.models import Strict
+from ipa_ops.flow.models import Strict, custom_resources_field
 
 CLIP_L = "openai/clip-vit-large-patch14"
 
@@ -89,6 +89,7 @@ class ScoreResources(Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per scorer actor (0 on CPU-only machines).")
     num_cpus: float = Field(1, gt=0, description="CPUs per scorer actor.")
     batch_size: int = Field(16, ge=1, description="Images per scorer batch.")
+    custom_resources: dict[str, float] = custom_resources_field("scorer")
 
 
 class ScoreStage(Strict):

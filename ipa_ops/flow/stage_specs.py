@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ipa_ops.flow.models import Strict
+from ipa_ops.flow.models import Strict, custom_resources_field
 from ipa_ops.flow.score_spec import ScoreStage
 from ipa_ops.storage.lease import LeaseSpec
 
@@ -27,11 +27,7 @@ class GenerateResources(Resources):
         "CPU-only cluster the cluster's cores divided among the actors, so a CPU run uses the whole machine "
         "(Ray would otherwise give the actor one thread per CPU it reserves).",
     )
-    custom_resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Ray custom resources each generator actor needs, e.g. `{a100: 1}`: actors go only to nodes "
-        "started with them (`ray start --resources`). Empty: none.",
-    )
+    custom_resources: dict[str, float] = custom_resources_field("generator")
 
 
 class ExtractResources(Resources):
@@ -44,6 +40,7 @@ class ExtractResources(Resources):
         "actors. InsightFace encoders analyse one image at a time whatever this says. On a CPU-only machine one "
         "actor holding every core, with one call per core, starts once and beats one single-threaded actor per core.",
     )
+    custom_resources: dict[str, float] = custom_resources_field("encoder")
 
 
 class ExtractStage(Strict):

@@ -29,7 +29,7 @@ from ipa_ops.export.records import SEQ, image_entry
 from ipa_ops.export.staging import SELECTION, SPILL, Staging
 from ipa_ops.outputs.folder import OutputDir, versions
 from ipa_ops.outputs.view import Extra, results_view
-from ipa_ops.stages.extract import ensure_ray
+from ipa_ops.stages.ray_address import ensure_ray
 
 ENTRY_SCHEMA = pa.schema(
     [("file", pa.string()), ("stats", pa.string()), ("first", pa.int64()), ("part", pa.int64())]

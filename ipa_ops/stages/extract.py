@@ -4,16 +4,19 @@
     ─► CLIP encoder pools (also fed the aligned face crops) ─► driver: rows -> store parts
 
 With GPU pools, decoding runs in CPU tasks on the CPUs the pools leave free. With CPU pools the
-decode step gets the pools' resources, so Ray Data fuses it into the first pool's actors and no
-decoded pixels cross processes. Each actor works on `calls_per_actor` batches at once, in threads:
+first pool's actors decode their own batches (`DecodingEncodeActor`), so no decoded pixels cross
+processes. Each actor works on `calls_per_actor` batches at once, in threads:
 on a CPU-only machine one actor holding every core decodes and encodes on all of them and pays
 the start-up (a process, torch, transformers, the weights) once instead of once per core.
 
 Each row travelling through the pipeline is one (image, encoder) job. A shared `Claims` actor
-knows every key already in the store and hands each new key to exactly one task, so an image
-stored before, or present twice under two names, is never decoded or encoded again. The driver
-commits a part every `commit_rows` rows or `commit_seconds`, so a crash loses at most what was
-not yet committed; the next run skips what was. Bad inputs become `error` rows, never exceptions.
+knows every key already in the store and hands each new key to one input (extract_inputs.py),
+so an image stored before, or present twice under two names, is never decoded or encoded again.
+The driver commits a part every `commit_rows` rows or `commit_seconds`, so a crash loses at most
+what was not yet committed; the next run skips what was. Bad inputs become `error` rows, never
+exceptions. A lost node or actor (stages/recovery.py): the inputs not yet back whole go to a new
+dataset on the nodes left; what is already stored is not encoded again, and a key stored twice
+(a job made again) is dropped by the committer, so every embedding is in the store once.
 """
 
 from __future__ import annotations
@@ -33,86 +36,25 @@ from PIL import Image
 from ipa_ops.errors import UserError
 from ipa_ops.flow.spec import EncoderSpec, Flow
 from ipa_ops.flow.stage_specs import ExtractStage
-from ipa_ops.stages import gpus_per_actor
+from ipa_ops.stages import custom_resources, gpus_per_actor, recovery
+from ipa_ops.stages.extract_inputs import (
+    CROP_SUFFIX,
+    DECODE_BATCH,
+    Arrivals,
+    _job,
+    _table,
+    claim,
+    claims_on_driver_node,
+    decode_batch,
+)
 from ipa_ops.stages.extract_rows import COUNT_FIELDS, Committer, collect, faces_missing_crops, store_row, summarize
 from ipa_ops.stages.progress import Progress
-from ipa_ops.stages.ray_address import init_address
+from ipa_ops.stages.ray_address import ensure_ray
 from ipa_ops.store.dataset import EmbeddingStore, content_key, uncond_key
 from ipa_ops.store.encoders.ids import clip_folder, encoder_id, face_pack_dir
-from ipa_ops.store.images import ImageError, decode_image, expand_inputs, read_bytes, sha256_bytes
+from ipa_ops.store.images import expand_inputs
 
 log = logging.getLogger(__name__)
-DECODE_BATCH = 4  # images decoded per call: small, so encoders start early and memory stays low
-JOB = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("sha256", pa.string()),
-        ("encoder", pa.string()),  # alias
-        ("origin", pa.string()),  # "" for inputs, the face alias for aligned face crops
-        ("state", pa.string()),  # todo | stored | error | done
-        ("error", pa.string()),
-        ("notes", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("pixels", pa.large_binary()),  # raw RGB, dropped once encoded
-        ("result", pa.large_binary()),  # pickled store rows from an encoder actor
-    ]
-)
-
-
-def _job(uri: str, sha: str, alias: str, state: str, **extra: Any) -> dict[str, Any]:
-    return {"uri": uri, "sha256": sha, "encoder": alias, "origin": "", "state": state, "error": "", "notes": "",
-            "width": 0, "height": 0, "pixels": b"", "result": b"", **extra}  # fmt: skip
-
-
-def _table(jobs: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(jobs, schema=JOB)
-
-
-@ray.remote(num_cpus=0)
-class Claims:
-    """Hands out each (image, encoder) key once per run; keys already stored are never handed out."""
-
-    def __init__(self, stored: set[str]):
-        self.taken = set(stored)
-
-    def claim(self, keys: list[str]) -> list[bool]:
-        out = []
-        for key in keys:
-            out.append(key not in self.taken)
-            self.taken.add(key)
-        return out
-
-
-def decode_batch(batch: pa.Table, claims: Any, encoders: dict[str, str], max_pixels: int) -> pa.Table:
-    """CPU task: read and hash each input, claim its keys, decode only what some encoder still needs."""
-    jobs: list[dict[str, Any]] = []
-    read: list[tuple[str, bytes, str]] = []
-    for uri in batch.column("uri").to_pylist():
-        try:
-            data = read_bytes(uri)
-        except ImageError as exc:
-            jobs += [_job(uri, "", alias, "error", error=str(exc)) for alias in encoders]
-            continue
-        read.append((uri, data, sha256_bytes(data)))
-    keys = [content_key(sha, enc) for _, _, sha in read for enc in encoders.values()]
-    wanted = iter(ray.get(claims.claim.remote(keys)) if keys else [])
-    for uri, data, sha in read:
-        todo = [alias for alias in encoders if next(wanted)]
-        jobs += [_job(uri, sha, alias, "stored") for alias in encoders if alias not in todo]
-        if not todo:
-            continue
-        try:
-            image, notes = decode_image(data, uri, max_pixels)
-        except ImageError as exc:
-            jobs += [_job(uri, sha, alias, "error", error=str(exc)) for alias in todo]
-            continue
-        pixels = image.tobytes()  # decode_image returns 8-bit RGB: the same bytes as the array, one copy
-        fields = {"notes": "; ".join(notes), "width": image.width, "height": image.height, "pixels": pixels}
-        jobs += [_job(uri, sha, alias, "todo", **fields) for alias in todo]
-    return _table(jobs)
-
-
 def _buffers(batch: pa.Table) -> list[Any]:
     """The `pixels` of every row as zero-copy pyarrow buffers (Image.frombuffer and _table accept them)."""
     return [value.as_buffer() if value.is_valid else b"" for value in batch.column("pixels")]
@@ -257,8 +199,8 @@ class EncodeActor:
 
     def _crop_jobs(self, job: dict[str, Any], sha: str, crop: np.ndarray) -> list[dict[str, Any]]:
         keys = [content_key(sha, enc) for enc in self.crop_encoders.values()]
-        wanted = ray.get(self.claims.claim.remote(keys))
-        uri = f"{job['uri']}#face-crop"
+        uri = job["uri"] + CROP_SUFFIX
+        wanted = claim(self.claims, keys, [uri] * len(keys))
         fields = {"origin": self.alias, "notes": f"aligned face crop ({self.alias}) of {job['uri']}",
                   "width": crop.shape[1], "height": crop.shape[0], "pixels": crop.tobytes()}  # fmt: skip
         return [
@@ -267,22 +209,23 @@ class EncodeActor:
         ]
 
 
+class DecodingEncodeActor(EncodeActor):
+    """CPU pools: the first encoder's actor reads and decodes its own batch of inputs (`decode_batch`), then encodes.
+
+    Ray Data would fuse a decode task into the actor only if their remote args matched, and tasks
+    cannot take the pools' `max_restarts=0`; doing it here keeps decoded pixels in the process.
+    """
+
+    def __init__(self, decode: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decode = decode
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return super().__call__(decode_batch(batch, self.claims, **self.decode))
+
+
 def _shape(fields: dict[str, Any]) -> dict[str, list[int]]:
     return {"hidden_shape": list(fields["hidden_states"].shape)} if "hidden_states" in fields else {}
-
-
-def ensure_ray(address: str | None) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start an embedded Ray; True when this call started one."""
-    if ray.is_initialized():
-        return False
-    address = init_address(address)  # "local" when embedded: never a stale ray_current_cluster
-    if address != "local":
-        ray.init(address=address)
-    else:  # workers must import ipa_ops even when it runs from a source checkout, not an install
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return True
 
 
 def run_extract(
@@ -291,8 +234,9 @@ def run_extract(
     commit_rows: int = 256,
     commit_seconds: float = 60.0,
     on_batch: Callable[[int], None] | None = None,
-) -> dict[str, dict[str, int]]:
-    """Encode every input image not yet in the store; counts per encoder alias (crops as `alias:face-crops`).
+) -> dict[str, Any]:
+    """Encode every input image not yet in the store; counts per encoder alias (crops as `alias:face-crops`),
+    and `faults` when a node or worker was lost on the way.
 
     `on_batch(n)` is called with the number of finished jobs in each batch that reaches the driver.
     """
@@ -314,59 +258,87 @@ def run_extract(
     committer = Committer(store, known, commit_rows, commit_seconds)
     started = ensure_ray(flow.ray.address)
     faces = [ids[a] for a in ids if kinds[a] == "face"]
-    claims = Claims.remote(committer.done - faces_missing_crops(store, faces, list(clips.values())))
+    claims = claims_on_driver_node(committer.done - faces_missing_crops(store, faces, list(clips.values())))
     progress = Progress("extract", len(uris) * len(ids), unit="images")
-    wanted = set(uris)
-    batches: Any = iter(())
+    wanted, arrivals = set(uris), Arrivals(len(ids), len(clips))
+    earlier: set[tuple[str, str, str]] = set()  # jobs collected by a dataset before: their rows are in already
+    this_round: set[tuple[str, str, str]] = set()
+
+    def consume(batch: pa.Table) -> list[str]:
+        jobs = batch.drop_columns(["pixels"]).to_pylist()
+        fresh = [j for j in jobs if (j["uri"], j["encoder"], j["origin"]) not in earlier]  # not made again after a loss
+        for job in fresh:
+            this_round.add((job["uri"], job["encoder"], job["origin"]))
+            collect(job, ids, kinds, counts, committer)
+        inputs = [j for j in fresh if not j["origin"] and j["uri"] in wanted]  # not face crops, not uncond
+        failed = sum(j["state"] == "error" for j in inputs)
+        progress.update(ok=len(inputs) - failed, errors=failed)
+        if on_batch is not None:
+            on_batch(batch.num_rows)
+        return [uri for uri in map(arrivals.add, jobs) if uri is not None]
+
+    def batches(left: list[str], first: bool) -> Any:
+        earlier.update(this_round)
+        arrivals.clear()
+        unconds = {k for k in committer.done if k.startswith("uncond/")}  # stored, or made this run
+        ds = _pipeline(flow, stage, left, ids, kinds, clips, claims, unconds, first)
+        return ds.iter_batches(batch_format="pyarrow", batch_size=None)  # closed by `rounds` when it fails
+
+    rounds = recovery.Rounds("extract", progress.stream, unit="image", redo="read and encoded again",
+                             promise="every embedding is in the store once")  # fmt: skip
     try:
-        ds = _pipeline(flow, stage, uris, ids, kinds, clips, claims, {k for k in known if k.startswith("uncond/")})
-        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-        for batch in batches:
-            jobs = batch.drop_columns(["pixels"]).to_pylist()
-            for job in jobs:
-                collect(job, ids, kinds, counts, committer)
-            inputs = [j for j in jobs if not j["origin"] and j["uri"] in wanted]  # not face crops, not uncond
-            failed = sum(j["state"] == "error" for j in inputs)
-            progress.update(ok=len(inputs) - failed, errors=failed)
-            if on_batch is not None:
-                on_batch(batch.num_rows)
+        rounds.run(uris, str, batches, consume)
+        faults = rounds.faults()  # while Ray is up
     finally:
-        getattr(batches, "close", lambda: None)()  # stops the pipeline at once when the driver fails
         committer.flush()  # whatever arrived is kept, even when the run fails half-way
         progress.close()
         ray.kill(claims)
         if started:
             ray.shutdown()
     log.info("extract into %s: %d parts written\n%s", stage.store, committer.parts, summarize(counts))
-    return counts
+    if not faults:
+        return counts
+    progress.stream.write(faults["message"] + "\n")
+    return {**counts, "faults": faults}  # into the summary and so the ledger record
 
 
 def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, str], kinds: dict[str, str],
-              clips: dict[str, str], claims: Any, unconds: set[str]) -> ray.data.Dataset:  # fmt: skip
+              clips: dict[str, str], claims: Any, unconds: set[str], first: bool) -> ray.data.Dataset:  # fmt: skip
+    """decode -> one pool per encoder over `uris`; pools of the asked size at first, elastic after a loss.
+
+    No pool restarts its actors (`max_restarts=0`): a dead one fails its batch and `recovery.Rounds`
+    starts the inputs not yet back whole again, rather than waiting on a restart that may never fit.
+    """
+    with recovery.no_restarts_warning():
+        return _stages(flow, stage, uris, ids, kinds, clips, claims, unconds, first)
+
+
+def _stages(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, str], kinds: dict[str, str],
+            clips: dict[str, str], claims: Any, unconds: set[str], first: bool) -> ray.data.Dataset:  # fmt: skip
     res = stage.resources
     gpus = gpus_per_actor(res.num_gpus)
+    blocks = max(1, len(uris) // max(res.batch_size, DECODE_BATCH))  # per-block overhead is paid per block
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
     if gpus:  # GPU pools: decoding runs in CPU tasks on the CPUs the pools leave free
         free = float(ray.cluster_resources().get("CPU", 1)) - len(ids) * res.actors * res.num_cpus
         cap = None if free >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
-        decode = {"num_cpus": 1.0 if free >= 1 else max(0.0, free), "compute": ray.data.TaskPoolStrategy(size=cap)}
-    else:  # CPU pools: same resources, so Ray Data fuses decoding into the first pool's actors (no pixel copies)
-        decode = {"num_cpus": res.num_cpus, "compute": ray.data.TaskPoolStrategy(size=res.actors)}
-    blocks = max(1, len(uris) // max(res.batch_size, DECODE_BATCH))  # per-block overhead is paid per block
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=DECODE_BATCH,
-        batch_format="pyarrow",
-        fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
-        **decode,
-    )
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=DECODE_BATCH,
+            batch_format="pyarrow",
+            fn_kwargs={"claims": claims, "encoders": ids, "max_pixels": stage.max_pixels},
+            num_cpus=1.0 if free >= 1 else max(0.0, free),
+            compute=ray.data.TaskPoolStrategy(size=cap),
+        )  # a task Ray retries claims what it claimed before (extract_inputs.py): retries are safe
     # GPU actors: one batch at a time unless asked (concurrent forwards multiply activation memory)
     calls = res.calls_per_actor or (1 if gpus else max(1, int(res.num_cpus)))
-    for alias in sorted(ids, key=lambda a: kinds[a] != "face"):  # faces first: their crops feed CLIP pools
+    for n, alias in enumerate(sorted(ids, key=lambda a: kinds[a] != "face")):  # faces first: crops feed CLIP pools
         spec = flow.encoders[alias]
+        decodes = not gpus and n == 0  # CPU pools: the first pool's actors decode, so no pixels cross processes
         ds = ds.map_batches(
-            EncodeActor,
+            DecodingEncodeActor if decodes else EncodeActor,
             fn_constructor_kwargs={
+                **({"decode": {"encoders": ids, "max_pixels": stage.max_pixels}} if decodes else {}),
                 "alias": alias,
                 "spec_json": spec.model_dump_json(),
                 "mirror": flow.mirror_root(),
@@ -377,12 +349,14 @@ def _pipeline(flow: Flow, stage: ExtractStage, uris: list[str], ids: dict[str, s
                 "crop_encoders": clips if kinds[alias] == "face" else None,
                 "torch_threads": max(1, int(res.num_cpus) // calls) if calls > 1 and kinds[alias] == "clip" else 0,
             },  # fmt: skip
-            compute=ray.data.ActorPoolStrategy(
-                size=res.actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1
+            compute=recovery.pool(
+                res.actors, first, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1
             ),
             batch_size=res.batch_size,
             batch_format="pyarrow",
             num_cpus=res.num_cpus,
             num_gpus=gpus,
+            max_restarts=0,
+            **custom_resources(res.custom_resources),
         )
     return ds

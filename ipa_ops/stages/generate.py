@@ -34,7 +34,7 @@ from ipa_ops.outputs.results_writer import ResultsWriter
 from ipa_ops.outputs.thumbs import write_thumbnail
 from ipa_ops.records.schema import to_columns
 from ipa_ops.report.build import build_report
-from ipa_ops.stages import gpus_per_actor, recovery, stopping
+from ipa_ops.stages import custom_resources, gpus_per_actor, recovery, stopping
 from ipa_ops.stages.progress import Progress
 from ipa_ops.store.dataset import EmbeddingStore
 
@@ -252,9 +252,8 @@ def _generate(
     progress.close()
     if rounds.redone_keys:  # a writer killed mid-write leaves a hidden temp file; these rows are all done now
         OutputDir(stage.output).remove_orphan_temps(rounds.redone_keys)
-    faults = rounds.faults()
+    faults = rounds.report()
     if faults:
-        progress.stream.write(faults["message"] + "\n")
         counts["faults"] = faults  # into the summary and so the ledger record
     return counts
 
@@ -284,7 +283,7 @@ def _stages(flow: Flow, stage: GenerateStage, todo: list[RowPlan], actor_cls: ty
         num_gpus=gpus_per_actor(res.num_gpus),
         num_cpus=res.num_cpus,
         max_restarts=0,
-        **({"resources": dict(res.custom_resources)} if res.custom_resources else {}),
+        **custom_resources(res.custom_resources),
     )
     return ds.map_batches(
         CommitImages,

@@ -73,3 +73,19 @@ def _host_port(address: str) -> tuple[str, int | None]:
     if not parts.hostname or port is None:
         return address, None
     return parts.hostname, port
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start an embedded Ray; True when this call started one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = init_address(address)  # "local" when embedded: never a stale ray_current_cluster
+    if address != "local":
+        ray.init(address=address)
+    else:  # workers must import ipa_ops even when it runs from a source checkout, not an install
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return True

@@ -57,9 +57,17 @@ def alive_nodes() -> dict[str, str]:
     return {n["NodeID"]: str(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive")}
 
 
-def pool(actors: int, first: bool) -> ray.data.ActorPoolStrategy:
+def pool(actors: int, first: bool, **options: Any) -> ray.data.ActorPoolStrategy:
     """The first dataset's pool has the size asked for; later ones start with what fits (1..actors)."""
-    return ray.data.ActorPoolStrategy(size=actors) if first else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+    sizes: dict[str, int] = {"size": actors} if first else {"min_size": 1, "max_size": actors}
+    return ray.data.ActorPoolStrategy(**sizes, **options)
+
+
+def on_driver_node() -> Any:
+    """Where a run's shared little actors (the stop flag, extract's claims) live: losing another node keeps them."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @contextlib.contextmanager
@@ -91,6 +99,9 @@ class Rounds:
     resubmitted: list[int] = field(default_factory=list)  # rows not yet back, at each loss
     redone_keys: set[str] = field(default_factory=set)  # their keys: some were in flight when a worker was lost
     causes: list[str] = field(default_factory=list)
+    unit: str = "row"  # what `rows` are, in the lines said
+    redo: str = "made again"  # what happens to the rows not yet back, in the line said at each loss
+    promise: str = "every row is in the results once"  # what still holds, in the faults message
 
     def run(self, rows: list[Any], key: Callable[[Any], str], batches: Callable[[list[Any], bool], Iterable[Any]],
             consume: Callable[[Any], Iterable[str]]) -> None:  # fmt: skip
@@ -99,8 +110,9 @@ class Rounds:
         while left:
             self.rounds += 1
             done: set[str] = set()
+            batch_iter = iter(batches(left, self.rounds == 1))
             try:
-                for batch in batches(left, self.rounds == 1):
+                for batch in batch_iter:
                     done.update(consume(batch))
                 return
             except Exception as exc:
@@ -109,18 +121,21 @@ class Rounds:
                 if cause is None or self.rounds >= limit or not left:
                     raise
                 said = _one_line(cause)
-                # the failed dataset's actors go once nothing refers to them (Ray Data drops its references
-                # and lets them finish their tasks); a cycle through the error's traceback could keep them,
-                # and what they hold (a GPU, a custom resource), alive: drop it before the next dataset asks
                 del exc, cause
-                gc.collect()
-                self.resubmitted.append(len(left))
-                self.redone_keys.update(key(r) for r in left)
-                self.causes.append(said)
-                self.stream.write(
-                    f"{self.stage}: lost a Ray worker ({said}); the {len(left)} row(s) not yet back "
-                    f"are made again on the nodes left (round {self.rounds + 1} of at most {limit})\n"
-                )
+            finally:  # a dataset the driver failed on stops at once; one that failed is done with
+                getattr(batch_iter, "close", lambda: None)()
+                del batch_iter
+            # the failed dataset's actors go once nothing refers to them (Ray Data drops its references
+            # and lets them finish their tasks); a cycle through the error's traceback, or its iterator,
+            # could keep them, and what they hold (a GPU, a custom resource), alive: drop both first
+            gc.collect()
+            self.resubmitted.append(len(left))
+            self.redone_keys.update(key(r) for r in left)
+            self.causes.append(said)
+            self.stream.write(
+                f"{self.stage}: lost a Ray worker ({said}); the {len(left)} {self.unit}(s) not yet back "
+                f"are {self.redo} on the nodes left (round {self.rounds + 1} of at most {limit})\n"
+            )
 
     def nodes_lost(self) -> dict[str, str]:
         now = alive_nodes()
@@ -134,10 +149,18 @@ class Rounds:
         names = [f"{address} (node {node[:12]})" for node, address in sorted(lost.items())]
         said = f"{len(lost)} Ray node(s) lost during the run: {', '.join(names)}" if lost else "a Ray worker was lost"
         again = ", ".join(map(str, self.resubmitted))
-        line = (f"{self.stage}: {said}; the rows not yet back ({again}) went to a new dataset on the nodes left "
-                f"({self.rounds} dataset round(s)); every row is in the results once")  # fmt: skip
+        line = (f"{self.stage}: {said}; the {self.unit}s not yet back ({again}) went to a new dataset on the nodes "
+                f"left ({self.rounds} dataset round(s)); {self.promise}")  # fmt: skip
         return {"nodes_lost": names, "rounds": self.rounds, "rows_resubmitted": self.resubmitted,
                 "causes": self.causes, "message": line}  # fmt: skip
+
+
+    def report(self) -> dict[str, Any] | None:
+        """`faults()`, its message also said once on the stream: what the stage's summary carries."""
+        faults = self.faults()
+        if faults:
+            self.stream.write(faults["message"] + "\n")
+        return faults
 
 
 def _one_line(exc: BaseException) -> str:

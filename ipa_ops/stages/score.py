@@ -8,11 +8,16 @@
 Resumable: a (row key, scorer id) pair with a score is never scored again, so a rerun scores
 nothing new and adding a scorer runs only that scorer. A row a scorer fails on gets an `error`
 record (one line naming the row) and is tried again by the next run; the other rows go on.
+A lost node or actor (stages/recovery.py): the rows not yet back are scored again on the nodes
+left, and every row's records are written once; records that came back before any other failure
+are still committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +35,7 @@ from ipa_ops.outputs.folder import OutputDir
 from ipa_ops.report.build import build_report
 from ipa_ops.scores import ScoreContext, ScoreItem, Scorer, build_scorers
 from ipa_ops.scores.phash import find_duplicates
-from ipa_ops.stages import gpus_per_actor, stopping
+from ipa_ops.stages import custom_resources, gpus_per_actor, recovery, stopping
 from ipa_ops.store.images import decode_image
 
 ROW_COLUMNS = ["id", "row_key", "status", "finished_at", "outputs", "prompt", "references", "embedding_keys",
@@ -173,9 +178,9 @@ def run_score(flow: Flow, stage: ScoreStage, actor_cls: type = ScorerActor) -> d
                 "scorers": json.dumps(todo),
             })  # fmt: skip
     counts = {s.name: 0 for s in scorers}
-    errors = 0
+    errors, faults = 0, None
     if items:
-        errors = _score(flow, stage, store, output, items, scorers, counts, out, actor_cls)
+        errors, faults = _score(flow, stage, store, output, items, scorers, counts, out, actor_cls)
     dups = _dup_of(out, rows, [s for s in scorers if s.name == "phash"])
     elapsed = time.perf_counter() - start
     if items or dups:
@@ -191,6 +196,7 @@ def run_score(flow: Flow, stage: ScoreStage, actor_cls: type = ScorerActor) -> d
         "seconds": round(elapsed, 3),
         "images_per_second": round(scored / elapsed, 3) if elapsed and scored else 0.0,
         "report_seconds": round(report_seconds, 3),
+        **({"faults": faults} if faults else {}),  # a lost node: into the summary and so the ledger record
     }
 
 
@@ -204,25 +210,15 @@ def _score(
     counts: dict[str, int],
     out: OutputDir,
     actor_cls: type,
-) -> int:
-    """Run the actor pool over `items`, committing records as they come; returns the rows that failed a scorer."""
-    res = stage.resources
-    gpus = gpus_per_actor(res.num_gpus)
+) -> tuple[int, dict[str, Any] | None]:
+    """Run the scorer pool over `items`, committing records as they come; the rows that failed a scorer, and
+    what was lost on the way (a lost node or actor: the rows not yet back are scored again on the nodes left)."""
     names = {s.id: s.name for s in scorers}
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // res.batch_size, 200)))
-    ds = ds.map_batches(
-        stopping.guarded(actor_cls),
-        fn_constructor_args=(flow.model_dump_json(), stage.model_dump_json(), store, output, gpus > 0),
-        batch_size=res.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
-        num_gpus=gpus,
-        num_cpus=res.num_cpus,
-        max_restarts=3,
-        max_task_retries=3,
-    )
     buffer: list[dict[str, Any]] = []
     errors = 0
-    for batch in ds.iter_batches(batch_size=res.batch_size, batch_format="numpy"):
+
+    def consume(batch: dict[str, np.ndarray]) -> list[str]:
+        nonlocal errors
         for text in batch["records"]:
             recs = json.loads(str(text))
             failed = {r["scorer"] for r in recs if r["metric"] == score_parts.ERROR}
@@ -234,9 +230,45 @@ def _score(
             buffer.extend(recs)
         if len(buffer) >= stage.commit_rows:
             score_parts.write_score_part(out, buffer)
-            buffer = []
+            buffer.clear()
+        return [str(k) for k in batch["row_key"]]  # handed back once: never scored (nor written) again
+
+    def batches(rows: list[dict[str, Any]], first: bool) -> Any:
+        ds = _pipeline(flow, stage, store, output, rows, actor_cls, first)
+        return ds.iter_batches(batch_size=stage.resources.batch_size, batch_format="numpy")
+
+    rounds = recovery.Rounds("score", sys.stderr, redo="scored again", promise="every row is scored once")
+    try:
+        rounds.run(items, lambda item: item["row_key"], batches, consume)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the stage's own error is the one to see
+            score_parts.write_score_part(out, buffer)  # what came back is kept; the rest is scored next run
+        raise
     score_parts.write_score_part(out, buffer)
-    return errors
+    return errors, rounds.report()
+
+
+def _pipeline(flow: Flow, stage: ScoreStage, store: str | None, output: str, items: list[dict[str, Any]],
+              actor_cls: type, first: bool) -> ray.data.Dataset:  # fmt: skip
+    """The scorer pool over `items`: of the asked size at first, elastic after a loss.
+
+    No actor is restarted (`max_restarts=0`): a restart that needs the lost node's GPU or custom
+    resource would wait forever; a dead actor fails its batch and `recovery.Rounds` goes on.
+    """
+    res = stage.resources
+    gpus = gpus_per_actor(res.num_gpus)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // res.batch_size, 200)))
+    with recovery.no_restarts_warning():
+        return ds.map_batches(
+            stopping.guarded(actor_cls),
+            fn_constructor_args=(flow.model_dump_json(), stage.model_dump_json(), store, output, gpus > 0),
+            batch_size=res.batch_size,
+            compute=recovery.pool(res.actors, first),
+            num_gpus=gpus,
+            num_cpus=res.num_cpus,
+            max_restarts=0,
+            **custom_resources(res.custom_resources),
+        )
 
 
 def _dup_of(out: OutputDir, rows: pd.DataFrame, phash: list[Scorer]) -> int:

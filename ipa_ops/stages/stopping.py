@@ -90,11 +90,10 @@ class Stopper:
 
         with self._lock:
             if self._flag is None:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+                from ipa_ops.stages.recovery import on_driver_node
 
-                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 # on the driver's node: losing another node must not lose the flag (stages/recovery.py)
-                self._flag = ray.remote(num_cpus=0, scheduling_strategy=here)(_StopFlag).remote()
+                self._flag = ray.remote(num_cpus=0, scheduling_strategy=on_driver_node())(_StopFlag).remote()
                 if self.requested:
                     self._flag.set.remote()
             return self._flag
