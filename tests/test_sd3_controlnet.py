@@ -114,6 +114,20 @@ def test_controlnet_rows_share_one_call_and_equal_each_row_alone(cn: dict[str, A
     assert two == 2 * rows[0].steps  # one controlnet_conditioning_scale per call
 
 
+def test_a_call_whose_set_up_fails_leaves_the_pipeline_as_it_was(cn: dict[str, Any]) -> None:
+    """The per-row control-latent draw is installed on the shared VAE while the call is set up; a row that
+    fails later in the set-up (two uncombined images) must not leave it there for the next call."""
+    import copy
+
+    generator: Generator = cn["generator"]
+    bad = copy.deepcopy(cn["rows"]["cn"])
+    bad.id, bad.adapters[0].embeds = "two-images", torch.cat([bad.adapters[0].embeds] * 2)
+    bad.adapters[0].negative = torch.cat([bad.adapters[0].negative] * 2)
+    (out,) = generator.generate([bad])
+    assert "one image per row" in out.error and "\n" not in out.error
+    assert "encode" not in generator.load("sd3").pipe.vae.__dict__  # the stock encode again
+
+
 def test_row_key_has_the_controlnet_fingerprint_and_the_control_image(
     cn: dict[str, Any], sd3_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

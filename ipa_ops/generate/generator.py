@@ -179,24 +179,24 @@ class Generator:
         pipe = self.task_pipe(loaded, first.task, first.scheduler, first.model)
         family = loaded.family
         do_cfg = family.uses_cfg(pipe, first.guidance_scale)
-        kwargs: dict[str, Any] = dict(
-            **family.prompt_kwargs([r.prompt for r in rows], [r.negative_prompt for r in rows], do_cfg),
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
-            output_type="np",
-            **tasks.call_kwargs(rows, pipe),
-            **family.call_kwargs(pipe, rows),
-        )
-        state = None
-        if loaded.adapters:
-            state, positives, negatives = self._ip_state(loaded, pipe, rows)
-            tasks.spread_over_frames(state, rows, loaded.adapters)
-            kwargs.update(family.ip_call(pipe, positives, negatives, do_cfg))
-            kwargs.update(callback_on_step_end=ip_state.StepCounter(state))
-        family.bind_attention(pipe, state)
-        faceid.bind(loaded.faces, loaded.adapters, rows, do_cfg, self.device)  # FaceID LoRAs, per-row clip_embeds
-        try:
+        try:  # the set-up changes the shared pipeline (ip_call, call_kwargs, bind): the finally undoes it all
+            kwargs: dict[str, Any] = dict(
+                **family.prompt_kwargs([r.prompt for r in rows], [r.negative_prompt for r in rows], do_cfg),
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows],
+                output_type="np",
+                **tasks.call_kwargs(rows, pipe),
+                **family.call_kwargs(pipe, rows),
+            )
+            state = None
+            if loaded.adapters:
+                state, positives, negatives = self._ip_state(loaded, pipe, rows)
+                tasks.spread_over_frames(state, rows, loaded.adapters)
+                kwargs.update(family.ip_call(pipe, positives, negatives, do_cfg))
+                kwargs.update(callback_on_step_end=ip_state.StepCounter(state))
+            family.bind_attention(pipe, state)
+            faceid.bind(loaded.faces, loaded.adapters, rows, do_cfg, self.device)  # FaceID LoRAs, per-row clip_embeds
             self.stats["calls"] += 1
             result = tasks.outputs(pipe(**kwargs))
         finally:
