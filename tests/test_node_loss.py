@@ -174,7 +174,7 @@ def test_a_worker_node_killed_mid_run_loses_no_row(
     sets = [f"ray.address={two_nodes.address}", "stages.generate.resources.actors=2",
             "stages.generate.resources.num_cpus=0.5", "stages.generate.resources.torch_threads=1",
             f"stages.generate.resources.custom_resources={{{SLOT}: 1}}",
-            "stages.generate.defaults.steps=6"]  # fmt: skip  # slow enough rows: the worker gets some
+            "stages.generate.defaults.steps=12"]  # fmt: skip  # slow enough rows: the worker gets some
     run = _run_killing_the_worker(two_nodes, _command(tmp_path, zoo_dir, *sets), "GeneratorActor",
                                   lambda: len(OutputDir(str(out)).read_results()))  # fmt: skip
     assert run.killed_with < ROWS
